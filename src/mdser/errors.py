@@ -1,0 +1,19 @@
+"""The one exception type stages turn into a clear message instead of a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """Bad input from the user: names the file or parameter and what is wrong."""
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main(); a UserError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,225 @@
+"""`params.yaml`: one schema, checked before any stage does any work.
+
+Every key is declared here (pydantic, unknown keys rejected), so a misspelt or
+mistyped parameter stops a stage with one message naming the key, the value and
+what is allowed, before a single file is written.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mdser.errors import UserError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class Synth(Strict):
+    seed: int
+    speakers: Annotated[int, Field(ge=2)]
+    utterances: Annotated[int, Field(ge=14)]
+    sample_rate: Annotated[int, Field(ge=8000)]
+    layout: Literal["emodb", "iemocap"]
+
+
+class Emodb(Strict):
+    url: str
+    sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")]
+
+
+class Iemocap(Strict):
+    root: str
+    classes: Annotated[list[Literal["neu", "hap", "sad", "ang"]], Field(min_length=2)]
+    merge_exc_into_hap: bool
+    include_scripted: bool
+
+
+class Data(Strict):
+    corpus: Literal["synth", "emodb", "iemocap"]
+    min_duration: Annotated[float, Field(ge=0)]
+    synth: Synth
+    emodb: Emodb
+    iemocap: Iemocap
+
+    @model_validator(mode="after")
+    def _iemocap_root_exists(self) -> Data:
+        root = self.iemocap.root
+        if self.corpus == "iemocap" and not (root and Path(root).is_dir()):
+            raise ValueError(
+                f"data.iemocap.root = {self.iemocap.root!r} is not a folder; with "
+                "data.corpus: iemocap it must point at your IEMOCAP_full_release copy"
+            )
+        return self
+
+
+class Audio(Strict):
+    sample_rate: Annotated[int, Field(ge=8000)]
+
+
+class Features(Strict):
+    n_mels: Annotated[int, Field(ge=8)]
+    n_fft: Annotated[int, Field(ge=64)]
+    win_ms: PositiveFloat
+    hop_ms: PositiveFloat
+    delta_n: PositiveInt
+
+
+class Split(Strict):
+    seed: int
+
+
+class Train(Strict):
+    folds: PositiveInt
+    max_epochs: PositiveInt
+    batch_frames: Annotated[int, Field(ge=100)]
+    lr_min: PositiveFloat
+    lr_max: PositiveFloat
+    class_weight_alpha: Literal["auto"] | PositiveFloat
+    patience: Annotated[int, Field(ge=0)]
+    standardize: Literal["train", "global"]
+    seed: int
+    mixed_precision: bool
+    xla: bool
+
+    @model_validator(mode="after")
+    def _lr_range(self) -> Train:
+        if self.lr_min > self.lr_max:
+            raise ValueError(f"train.lr_min = {self.lr_min} must not exceed train.lr_max = {self.lr_max}")
+        return self
+
+
+Conv = Literal["plain", "ff", "dilated", "mdcb"]
+
+
+class ModelRow(Strict):
+    """The `model` keys an ablation row overrides; `head` is required (it picks the
+    `softmax` or `arcface` section the row's DVC stages depend on)."""
+
+    filters: PositiveInt | None = None
+    conv: Conv | None = None
+    merge: Literal["sum", "concat"] | None = None
+    pooling: Literal["gmp", "spp"] | None = None
+    spp_levels: Annotated[list[PositiveInt], Field(min_length=1)] | None = None
+    attention: bool | None = None
+    attention_units: PositiveInt | None = None
+    fc_units: PositiveInt | None = None
+    head: Literal["softmax", "arcface"]
+
+
+class Model(ModelRow):
+    filters: PositiveInt
+    conv: Conv
+    merge: Literal["sum", "concat"]
+    pooling: Literal["gmp", "spp"]
+    spp_levels: Annotated[list[PositiveInt], Field(min_length=1)]
+    attention: bool
+    attention_units: PositiveInt
+    fc_units: PositiveInt
+    head: Literal["softmax", "arcface"]
+
+
+class Softmax(Strict):
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+
+
+class Arcface(Strict):
+    m: Annotated[float, Field(ge=0, lt=math.pi, description="additive angular margin, in [0, pi)")]
+    s: PositiveFloat
+
+
+class Ablation(Strict):
+    rows: Annotated[dict[str, ModelRow], Field(min_length=1)]
+
+    @field_validator("rows")
+    @classmethod
+    def _names(cls, rows: dict[str, ModelRow]) -> dict[str, ModelRow]:
+        for name in rows:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"row name {name!r} may hold only letters, digits, '-' and '_'")
+        return rows
+
+
+class PaperFigure(Strict):
+    iemocap: float | None = None
+    emodb: float | None = None
+
+
+class Tables(Strict):
+    table1: dict[str, PaperFigure]
+    table3: dict[str, PaperFigure]
+
+
+class Mlflow(Strict):
+    experiment_prefix: str
+
+
+class Params(Strict):
+    data: Data
+    audio: Audio
+    features: Features
+    split: Split
+    train: Train
+    model: Model
+    softmax: Softmax
+    arcface: Arcface
+    ablation: Ablation
+    tables: Tables
+    mlflow: Mlflow
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        freq = self.features.n_mels // 2  # the map SPP sees: n_mels halved by the first pooling
+        for name, row in {"model": self.model, **self.ablation.rows}.items():
+            levels = row.spp_levels or self.model.spp_levels
+            if max(levels) > freq:
+                key = "model" if name == "model" else f"ablation.rows.{name}"
+                raise ValueError(
+                    f"{key}.spp_levels = {levels}: a level may not exceed {freq}, the "
+                    f"frequency size of the feature map (features.n_mels / 2)"
+                )
+        return self
+
+
+def _format(error: ValidationError, path: Path) -> str:
+    lines = [f"{path}: {error.error_count()} invalid parameter(s)"]
+    for e in error.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key or '(top level)'}{shown}: {msg}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read `params.yaml` with the safe loader and validate it; return plain dicts."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found (run from the repository root)") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return Params.model_validate(raw).model_dump()
+    except ValidationError as exc:
+        raise UserError(_format(exc, path)) from None
+
+
+def row_model(params: dict[str, Any], row: str) -> dict[str, Any]:
+    """The model parameters of one ablation row: the row's keys over `model`."""
+    rows = params["ablation"]["rows"]
+    if row not in rows:
+        raise UserError(f"ablation row {row!r} is not in params.yaml ablation.rows ({sorted(rows)})")
+    overrides = {k: v for k, v in rows[row].items() if v is not None}
+    return {**params["model"], **overrides}

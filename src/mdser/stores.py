@@ -1,0 +1,153 @@
+"""Ragged stores: one flat array of samples (or frames) plus an index.
+
+A store is a few files however large the corpus is: `index.csv` (utt_id, speaker,
+emotion, offset, length), `meta.json`, and the data, read by memory map. Stages
+write a store into a temporary folder and rename it when complete, so an
+interrupted run never leaves a store that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mdser.errors import UserError
+
+AUDIO_FILE = "audio.f32"  # raw little-endian float32 samples, mono
+FEATURES_FILE = "features.npy"  # (total_frames, n_mels, 3) float32
+INDEX_FILE = "index.csv"
+META_FILE = "meta.json"
+
+
+@contextmanager
+def atomic_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; rename it to `out` only on success."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_index(index: pd.DataFrame, path: Path) -> None:
+    index.to_csv(path, index=False, lineterminator="\n")
+
+
+def read_index(store: Path) -> pd.DataFrame:
+    path = store / INDEX_FILE
+    if not path.exists():
+        raise UserError(f"{path}: missing; run the stage that builds {store}")
+    return pd.read_csv(path, dtype={"utt_id": str, "speaker": str, "emotion": str})
+
+
+def read_meta(store: Path) -> dict[str, Any]:
+    return json.loads((store / META_FILE).read_text())
+
+
+def write_meta(store: Path, meta: dict[str, Any]) -> None:
+    (store / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def open_audio(store: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """The audio store: its index and a read-only memory map of all samples."""
+    index = read_index(store)
+    samples = np.memmap(store / AUDIO_FILE, dtype="<f4", mode="r")
+    expected = int(index["n_samples"].sum())
+    if samples.size != expected:
+        raise UserError(f"{store / AUDIO_FILE}: {samples.size} samples, index says {expected}")
+    return index, samples
+
+
+def open_features(store: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """The feature store: its index and a read-only memory map of all frames."""
+    index = read_index(store)
+    frames = np.load(store / FEATURES_FILE, mmap_mode="r", allow_pickle=False)
+    expected = int(index["frames"].sum())
+    if frames.shape[0] != expected:
+        raise UserError(
+            f"{store / FEATURES_FILE}: {frames.shape[0]} frames, but {store / INDEX_FILE} "
+            f"says {expected}; the feature store is damaged, rebuild it with `dvc repro featurize`"
+        )
+    return index, frames
+
+
+def utterance(frames: np.ndarray, row: Any) -> np.ndarray:
+    """One utterance's (frames, n_mels, 3) slice of the feature store."""
+    return frames[int(row.offset) : int(row.offset) + int(row.frames)]
+
+
+def parallel_map(fn: Any, jobs: Iterable[Any], workers: int | None = None) -> Iterator[Any]:
+    """Ordered map over worker processes (one per core); plain map for one core."""
+    workers = workers or os.cpu_count() or 1
+    if workers == 1:
+        yield from map(fn, jobs)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(fn, jobs, chunksize=4)
+
+
+
+
+def _resample_one(args: tuple[Path, str, int]) -> np.ndarray:
+    from mdser import audio
+
+    path, sha256, target_sr = args
+    if sha256_file(path) != sha256:
+        raise UserError(
+            f"{path}: its content changed since `download` recorded its checksum in the "
+            "manifest; restore the file or re-run `dvc repro download`"
+        )
+    y, sr = audio.read_audio(path)
+    return audio.resample(audio.to_mono(y), sr, target_sr).astype("<f4")
+
+
+def build_audio_store(manifest: pd.DataFrame, raw_dir: Path, out: Path, sample_rate: int) -> pd.DataFrame:
+    """Every kept utterance, checksum-verified, as 16 kHz mono float32 in one file."""
+    from mdser.corpora import resolve_path
+
+    kept = manifest[manifest["status"] == "kept"].sort_values("utt_id")
+    jobs = ((resolve_path(r.path, raw_dir), r.sha256, sample_rate) for r in kept.itertuples())
+    lengths = []
+    with open(out / AUDIO_FILE, "wb") as f:
+        for y in parallel_map(_resample_one, jobs):
+            f.write(y.tobytes())
+            lengths.append(y.size)
+    index = kept[["utt_id", "speaker", "emotion"]].reset_index(drop=True)
+    index["n_samples"] = np.asarray(lengths, dtype=np.int64)
+    index["sample_offset"] = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    write_index(index, out / INDEX_FILE)
+    return index
+
+
+def tree_hash(*paths: Path) -> str:
+    """A short content hash of files and folders (sorted walk), e.g. a stage's inputs."""
+    digest = hashlib.sha256()
+    for top in paths:
+        files = sorted(p for p in Path(top).rglob("*") if p.is_file()) if Path(top).is_dir() else [Path(top)]
+        for f in files:
+            digest.update(f.name.encode() + bytes.fromhex(sha256_file(f)))
+    return digest.hexdigest()[:16]

@@ -1,0 +1,180 @@
+"""MLflow: one experiment per corpus, one parent run per ablation row, one child per fold.
+
+The store defaults to an SQLite database in the repository's `mlruns/`, addressed
+by an absolute URI so that `dvc exp run --queue` (which runs in a temporary copy
+of the repository under `.dvc/tmp/exps/`) logs to the same place. Set
+`MLFLOW_TRACKING_URI` to use a shared server instead. Writes to the local store
+are serialised by a file lock, so concurrent queue workers never lose a run to
+"database is locked".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from filelock import FileLock
+
+SUMMARY_METRICS = [
+    "ua_mean", "ua_std", "wa_mean", "wa_std", "macro_f1_mean",
+    "pooled_ua", "pooled_wa", "pooled_macro_f1", "n_folds",
+]
+
+
+def main_repo_root(path: Path | None = None) -> Path:
+    """The user's repository, also from inside a DVC queue's temporary copy."""
+    path = (path or Path.cwd()).resolve()
+    parts = path.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return path
+
+
+def local_store(root: Path | None = None) -> Path:
+    return main_repo_root(root) / "mlruns"
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{local_store(root) / 'mlflow.db'}"
+
+
+@contextmanager
+def store_lock(root: Path | None = None) -> Iterator[None]:
+    """Serialise writers of the local SQLite store (a no-op lock for a server)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        yield
+        return
+    store = local_store(root)
+    store.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(store / ".lock"), timeout=600):
+        yield
+
+
+def client(root: Path | None = None) -> Any:
+    """An MlflowClient on the tracking URI; creates the local database if needed."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    with store_lock(root):
+        return MlflowClient(uri)
+
+
+def experiment_id(mlflow_client: Any, name: str, root: Path | None = None) -> str:
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (local_store(root) / "artifacts" / name).as_uri()
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def environment_tags(stage: str, inputs_hash: str) -> dict[str, str]:
+    """Tags tying a run to DVC (experiment, stage, commit, inputs) and to the hardware."""
+    import tensorflow as tf
+
+    from mdser.training import device_name
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = ""
+    gpus = tf.config.list_physical_devices("GPU")
+    gpu = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "") if gpus else ""
+    return {
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc.stage": stage, "dvc.inputs_hash": inputs_hash, "git.commit": commit,
+        "device": device_name(), "gpu": gpu, "tensorflow": tf.__version__,
+    }
+
+
+def _flat(prefix: str, d: dict[str, Any]) -> dict[str, str]:
+    return {f"{prefix}.{k}": json.dumps(v) if isinstance(v, list) else str(v) for k, v in d.items()}
+
+
+def log_row(
+    corpus: str, row: str, run_params: dict[str, Any], summary: dict[str, Any],
+    histories: dict[int, pd.DataFrame], predictions: pd.DataFrame, figures: dict[int, Any],
+    tags: dict[str, str], experiment: str,
+) -> str:
+    """Log one evaluated ablation row: a parent run and a child run per fold."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    c = client()
+    now = int(time.time() * 1000)
+    with store_lock():
+        exp = experiment_id(c, experiment)
+        parent = c.create_run(exp, run_name=row, tags=tags | {"row": row, "corpus": corpus, "level": "row"})
+        pid = parent.info.run_id
+        metrics = {k: summary[k] for k in SUMMARY_METRICS if k != "n_folds"}
+        metrics |= {"n_folds": len(summary["folds"])}
+        metrics |= {f"recall_{k}": v for k, v in summary["recall"].items()}
+        params = {k: v for section, d in run_params.items() for k, v in _flat(section, d).items()}
+        c.log_batch(
+            pid, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())],
+            params=[Param(k, v) for k, v in sorted(params.items())],
+        )
+        c.log_text(pid, json.dumps(summary, indent=2, sort_keys=True), "summary.json")
+        for f in summary["folds"]:
+            k = f["fold"]
+            child_tags = tags | {
+                "row": row, "corpus": corpus, "level": "fold", "fold": str(k),
+                "test_speaker": f["test_speaker"], "mlflow.parentRunId": pid,
+            }
+            child = c.create_run(exp, run_name=f"{row}/fold{k}", tags=child_tags)
+            cid = child.info.run_id
+            curves = [
+                Metric(name, float(value), now, int(epoch))
+                for epoch, values in histories[k].set_index("epoch").iterrows()
+                for name, value in values.items()
+            ]
+            final = [Metric(f"test_{m}", float(f[m]), now, 0) for m in ("ua", "wa", "macro_f1")]
+            c.log_batch(cid, metrics=curves + final, params=[Param("fold", str(k))],
+                        tags=[RunTag("test_speaker", f["test_speaker"])])
+            c.log_text(cid, predictions[predictions["fold"] == k].to_csv(index=False), "predictions.csv")
+            if k in figures:
+                c.log_figure(cid, figures[k], "confusion.png")
+            c.set_terminated(cid)
+        c.set_terminated(pid)
+    return pid
+
+
+def log_failure(corpus: str, row: str, fold: int, message: str, experiment: str) -> None:
+    """Record a training that stopped (e.g. a NaN loss) as a FAILED run."""
+    c = client()
+    with store_lock():
+        exp = experiment_id(c, experiment)
+        run = c.create_run(exp, run_name=f"{row}/fold{fold}", tags={
+            "row": row, "corpus": corpus, "level": "fold", "fold": str(fold), "error": message[:4000],
+        })
+        c.set_terminated(run.info.run_id, status="FAILED")
+
+
+def summaries_from_mlflow(experiment: str, rows: list[str]) -> dict[str, dict[str, Any]]:
+    """The latest finished parent run of each row: its summary metrics."""
+    c = client()
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    runs = c.search_runs(
+        [exp.experiment_id], "tags.level = 'row' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=5000,
+    )
+    out: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        row = run.data.tags.get("row")
+        if row in rows and row not in out:
+            out[row] = {k: run.data.metrics[k] for k in SUMMARY_METRICS}
+    return out

@@ -1,0 +1,64 @@
+"""DVC stage `evaluate@<row>`: test UA/WA per fold, mean ± std, logged to MLflow.
+
+    python stages/evaluate.py <row> data/features data/splits.json models/<row> results/<row> metrics/rows/<row>.json
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from mdser.errors import run_stage
+from mdser.evaluation import confusion_figure, summarize, test_predictions
+from mdser.params import load_params, row_model
+from mdser.splits import read_folds
+from mdser.stores import atomic_dir, tree_hash
+from mdser.tracking import environment_tags, log_row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("row")
+    parser.add_argument("features", type=Path)
+    parser.add_argument("folds", type=Path)
+    parser.add_argument("models", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("metrics", type=Path)
+    args = parser.parse_args()
+    params = load_params()
+    model = row_model(params, args.row)
+    folds_doc = read_folds(args.folds)
+    corpus = params["data"]["corpus"]
+
+    predictions = test_predictions(params, model, args.features, folds_doc, args.models)
+    summary = summarize(predictions, folds_doc["classes"])
+    histories = {
+        f["fold"]: pd.read_csv(args.models / f"fold_{f['fold']}" / "history.csv") for f in summary["folds"]
+    }
+    with atomic_dir(args.out) as out:
+        predictions.to_csv(out / "predictions.csv", index=False, lineterminator="\n")
+        history = pd.concat([h.assign(fold=k) for k, h in histories.items()], ignore_index=True)
+        history.to_csv(out / "history.csv", index=False, lineterminator="\n")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    row_metrics = {k: summary[k] for k in ("ua_mean", "ua_std", "wa_mean", "wa_std", "pooled_ua")}
+    row_metrics["folds"] = {str(f["fold"]): {"ua": f["ua"], "wa": f["wa"]} for f in summary["folds"]}
+    args.metrics.write_text(json.dumps(row_metrics, indent=2, sort_keys=True) + "\n")
+
+    inputs = tree_hash(args.models, args.features / "meta.json", args.folds)
+    figures = {
+        f["fold"]: confusion_figure(predictions[predictions["fold"] == f["fold"]], folds_doc["classes"])
+        for f in summary["folds"]
+    }
+    run_params = {"model": model, "train": params["train"], "arcface": params["arcface"],
+                  "softmax": params["softmax"], "data": {"corpus": corpus}}
+    log_row(corpus, args.row, run_params, summary, histories, predictions, figures,
+            environment_tags(f"evaluate@{args.row}", inputs),
+            f"{params['mlflow']['experiment_prefix']}-{corpus}")
+    print(f"{args.row}: test UA {100 * summary['ua_mean']:.2f} ± {100 * summary['ua_std']:.2f} "
+          f"over {len(summary['folds'])} folds")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,39 @@
+"""UA/WA/per-class metrics against scikit-learn."""
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+from mdser.evaluation import summarize, unweighted_accuracy, weighted_accuracy
+
+
+def test_ua_is_balanced_accuracy_and_wa_is_accuracy():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.integers(0, 5, 200)
+        p = np.where(rng.random(200) < 0.6, y, rng.integers(0, 5, 200))
+        assert np.isclose(unweighted_accuracy(y, p), balanced_accuracy_score(y, p))
+        assert np.isclose(weighted_accuracy(y, p), accuracy_score(y, p))
+
+
+def test_ua_differs_from_wa_under_imbalance():
+    y = np.array([0] * 90 + [1] * 10)
+    p = np.zeros(100, int)
+    assert weighted_accuracy(y, p) == 0.9 and unweighted_accuracy(y, p) == 0.5
+
+
+def test_summarize_per_fold_and_pooled():
+    classes = ["a", "b", "c"]
+    pred = pd.DataFrame({
+        "fold": [0, 0, 0, 1, 1, 1], "speaker": ["s0"] * 3 + ["s1"] * 3,
+        "actual": ["a", "b", "c", "a", "a", "b"], "predicted": ["a", "b", "a", "a", "b", "b"],
+    })
+    s = summarize(pred, classes)
+    assert [f["ua"] for f in s["folds"]] == [2 / 3, 0.75]
+    assert np.isclose(s["ua_mean"], (2 / 3 + 0.75) / 2)
+    assert np.isclose(s["ua_std"], np.std([2 / 3, 0.75]))
+    code = {c: i for i, c in enumerate(classes)}
+    y, p = pred["actual"].map(code), pred["predicted"].map(code)
+    assert np.isclose(s["pooled_ua"], balanced_accuracy_score(y, p))
+    assert s["confusion"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert s["recall"] == {"a": 2 / 3, "b": 1.0, "c": 0.0}

@@ -1,0 +1,190 @@
+"""The real pipeline: `dvc repro` in a temporary copy of the repository, tiny config.
+
+One module-scoped run is shared by the checks below; together they take a few
+minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = ["cnn-gmp-softmax", "ff-spp-softmax", "mdcnn-ff-spp-att-arcface"]
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def tiny_params(params: dict) -> dict:
+    params["data"]["synth"].update(utterances=70)
+    params["model"].update(filters=4, attention_units=8, fc_units=8)
+    params["train"].update(folds=2, max_epochs=2)
+    params["ablation"]["rows"] = {r: params["ablation"]["rows"][r] for r in ROWS}
+    return params
+
+
+def copy_repo(dest: Path) -> Path:
+    """The repository's tracked shape (no data, no caches), as a fresh git repo."""
+    for name in ["dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", "stages", "src", ".dvc/config"]:
+        src, dst = ROOT / name, dest / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy(src, dst)
+    (dest / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
+    params = tiny_params(yaml.safe_load((dest / "params.yaml").read_text()))
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "repo"], dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = copy_repo(tmp_path_factory.mktemp("pipeline"))
+    run(["dvc", "repro"], repo)
+    return repo
+
+
+def table_files(repo: Path) -> dict[str, bytes]:
+    return {s: (repo / f"metrics/ablation.{s}").read_bytes() for s in ("md", "csv", "json")}
+
+
+def test_repro_writes_every_stage_and_the_table(repo):
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    for stage in ["download", "resample", "featurize", "split", "ablate"]:
+        assert stage in lock
+    for row in ROWS:
+        assert f"train@{row}" in lock and f"evaluate@{row}" in lock
+    table = (repo / "metrics/ablation.md").read_text()
+    for row in ROWS:
+        assert f"| {row} |" in table
+    metrics = json.loads((repo / "metrics/ablation.json").read_text())
+    assert set(metrics) == {"table1", "table3"}
+    shown = run(["dvc", "metrics", "show", "--json"], repo).stdout
+    assert "ua_mean" in shown
+
+
+def test_second_repro_has_nothing_to_do(repo):
+    out = run(["dvc", "repro"], repo).stdout
+    assert "up to date" in out.lower()
+    assert "Running stage" not in out
+
+
+def test_arcface_change_touches_only_arcface_rows(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["arcface"]["s"] = 3.0
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(run(["dvc", "status", "--json"], repo).stdout)
+        arcface_rows = [r for r in ROWS if "arcface" in r]
+        expected = {f"{s}@{r}" for s in ("train", "evaluate") for r in arcface_rows}
+        assert set(status) == expected
+        dry = run(["dvc", "repro", "--dry"], repo).stdout
+        ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
+        assert ran == expected | {"ablate"}
+    finally:
+        run(["git", "checkout", "params.yaml"], repo)
+
+
+def test_rerun_gives_byte_identical_tables(repo):
+    before = table_files(repo)
+    shutil.rmtree(repo / ".cache", ignore_errors=True)  # no resuming: really retrain
+    run(["dvc", "repro", "--force", "--no-run-cache", "-s", "--glob", "train@*"], repo)
+    run(["dvc", "repro"], repo)
+    assert table_files(repo) == before
+
+
+def test_table_from_mlflow_equals_the_dvc_table(repo):
+    run([sys.executable, "-m", "mdser.table_from_mlflow", "metrics/from_mlflow"], repo)
+    for suffix in ("md", "csv", "json"):
+        assert (repo / f"metrics/from_mlflow.{suffix}").read_bytes() == (
+            repo / f"metrics/ablation.{suffix}"
+        ).read_bytes()
+
+
+def test_test_speaker_never_in_training_or_selection(repo):
+    folds = json.loads((repo / "data/splits.json").read_text())["folds"]
+    for row in ROWS:
+        for f in folds[:2]:
+            stats = json.loads((repo / f"models/{row}/fold_{f['fold']}/fold.json").read_text())
+            assert stats["fold"] == f["fold"]
+            assert f["test"] not in f["train"] and f["test"] != f["val"]
+        predictions = (repo / f"results/{row}/predictions.csv").read_text().splitlines()[1:]
+        for line in predictions:
+            fold, _, speaker = line.split(",")[:3]
+            assert speaker == folds[int(fold)]["test"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_lists_parent_runs_with_fold_children(repo):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}", "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=repo,
+    )
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+
+        def post(path: str, body: dict) -> dict:
+            req = urllib.request.Request(
+                f"{base}/{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+            )
+            return json.loads(urllib.request.urlopen(req, timeout=30).read())
+
+        exp = json.loads(urllib.request.urlopen(
+            f"{base}/experiments/get-by-name?experiment_name=mdser-synth", timeout=30).read())
+        exp_id = exp["experiment"]["experiment_id"]
+        parents = post("runs/search", {"experiment_ids": [exp_id], "filter": "tags.level = 'row'",
+                                       "max_results": 1000})["runs"]
+        latest = {}
+        for run_ in parents:
+            tags = {t["key"]: t["value"] for t in run_["data"]["tags"]}
+            latest.setdefault(tags["row"], run_)
+        assert sorted(latest) == sorted(ROWS)
+        for row, parent in latest.items():
+            metrics = {m["key"] for m in parent["data"]["metrics"]}
+            assert {"ua_mean", "ua_std", "wa_mean", "macro_f1_mean"} <= metrics
+            pid = parent["info"]["run_id"]
+            children = post("runs/search", {
+                "experiment_ids": [exp_id], "filter": f"tags.mlflow.parentRunId = '{pid}'"})["runs"]
+            assert len(children) == 2
+            for child in children:
+                keys = {m["key"] for m in child["data"]["metrics"]}
+                assert {"test_ua", "val_ua", "train_loss", "lr"} <= keys
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
