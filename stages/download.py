@@ -11,6 +11,7 @@ from mdser.corpora import corpus_counts, prepare, write_manifest
 from mdser.errors import run_stage
 from mdser.params import load_params
 from mdser.stores import atomic_dir
+from mdser.tracking import main_repo_root
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
     data = load_params()["data"]
 
     with atomic_dir(args.raw_dir) as raw_dir:
-        manifest, info = prepare(data, raw_dir)
+        manifest, info = prepare(data, raw_dir, cache_dir=main_repo_root() / ".cache" / "downloads")
     write_manifest(manifest, args.manifest)
     counts = corpus_counts(manifest) | info
     args.counts.parent.mkdir(parents=True, exist_ok=True)

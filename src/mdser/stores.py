@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mdser.corpora.manifest import sha256_file
 from mdser.errors import UserError
 
 AUDIO_FILE = "audio.f32"  # raw little-endian float32 samples, mono
@@ -43,14 +44,6 @@ def atomic_dir(out: Path) -> Iterator[Path]:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_index(index: pd.DataFrame, path: Path) -> None:

@@ -33,13 +33,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def prepare(data: dict, raw_dir: Path) -> tuple[pd.DataFrame, dict]:
+def prepare(
+    data: dict, raw_dir: Path, cache_dir: Path | None = None
+) -> tuple[pd.DataFrame, dict]:
     """Build the manifest of the corpus `data["corpus"]` (the `data` params section).
 
     synth: generate into raw_dir and read it back with the real reader of its
     layout; emodb: download (checked) and extract into raw_dir, then read;
     iemocap: read in place from data.iemocap.root. Returns (manifest, info);
-    info holds e.g. the archive's sha256 and reader warnings. Raises UserError
+    info holds e.g. the archive's sha256 and reader warnings. The EMODB archive
+    is kept in `cache_dir` (default raw_dir/archive) and reused when it verifies. Raises UserError
     if nothing is kept or a class of the class set has no kept utterance.
     """
     raw_dir = Path(raw_dir)
@@ -54,7 +57,7 @@ def prepare(data: dict, raw_dir: Path) -> tuple[pd.DataFrame, dict]:
             df = read_iemocap(raw_dir / "IEMOCAP_full_release", data, raw_dir)
     elif corpus == "emodb":
         url, expected = data["emodb"]["url"], normalize_sha256(data["emodb"].get("sha256", ""))
-        archive, actual = fetch_archive(url, expected, raw_dir / "archive")
+        archive, actual = fetch_archive(url, expected, Path(cache_dir or raw_dir / "archive"))
         info.update(archive_url=url, archive_sha256=actual, sha256_verified=bool(expected))
         if not expected:
             notice = (

@@ -91,7 +91,9 @@ def _download(url: str, expected: str, dest_dir: Path, retries: int, timeout: fl
         urls={name: url}, retry_if_failed=retries,
     )
     try:
-        return Path(fetcher.fetch(name, downloader=pooch.HTTPDownloader(timeout=timeout)))
+        http = urlparse(url).scheme.lower() in ("http", "https")
+        downloader = pooch.HTTPDownloader(timeout=timeout) if http else None
+        return Path(fetcher.fetch(name, downloader=downloader))
     except ValueError as exc:  # pooch: hash mismatch (the new download is already deleted)
         (dest_dir / name).unlink(missing_ok=True)  # an older file of that name is stale too
         got = re.search(r"but got ([0-9a-f]{64})", str(exc))

@@ -57,7 +57,7 @@ def find_wav_dir(raw_dir: Path) -> Path:
     raw_dir = Path(raw_dir)
     if (raw_dir / "wav").is_dir():
         return raw_dir / "wav"
-    found = sorted(p for p in raw_dir.glob("*/wav") if p.is_dir())
+    found = sorted(p for p in raw_dir.glob("*/wav") if p.is_dir() and p.parent.name[0] != ".")
     if len(found) == 1:
         return found[0]
     raise UserError(

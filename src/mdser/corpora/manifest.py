@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import soundfile as sf
 
 from mdser.audio import AudioError, read_audio
 from mdser.errors import UserError
@@ -146,11 +147,9 @@ def check_audio(rows: list[dict], raw_dir: Path | None, min_duration: float) -> 
 
 def _probe(file: Path) -> dict:
     """Sample rate, channels and header duration, or {} when the header is unreadable."""
-    import soundfile as sf
-
     try:
         info = sf.info(str(file))
-    except Exception:  # noqa: BLE001 - any libsndfile failure means "unreadable" later
+    except (RuntimeError, OSError, ValueError):  # read_audio says why
         return {}
     return {
         "sample_rate": int(info.samplerate),

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from scipy.ndimage import uniform_filter1d
 from scipy.signal import butter, lfilter, sosfilt
 
 from mdser.corpora.emodb import EMOTION_LETTERS, SPEAKER_GENDERS
@@ -248,8 +249,9 @@ def render(sylls: list[dict], p: dict, sr: int, rng: np.random.Generator) -> np.
     accent = np.zeros(n)  # F0 accent pattern in units of the range
     for (kind, _, j), a, b in zip(segs, bounds[:-1], bounds[1:], strict=True):
         if kind in VOWELS:
-            vowel_parts.append((kind, *_trapezoid(n, a, b, ramp)))
-            voicing[vowel_parts[-1][1]:vowel_parts[-1][2]] += vowel_parts[-1][3]
+            part = (kind, *_trapezoid(n, a, b, ramp))
+            vowel_parts.append(part)
+            voicing[part[1]:part[2]] += part[3]
         elif kind in NOISES:
             noise_parts.append((kind, *_trapezoid(n, a, b, ramp // 2)))
         if kind in VOWELS and kind != "m":
@@ -263,6 +265,7 @@ def render(sylls: list[dict], p: dict, sr: int, rng: np.random.Generator) -> np.
                 accent[lo:hi] += rng.uniform(0.5, 1.0) * np.exp(-0.5 * x**2)
         if kind == "burst":
             env[a:b] = np.exp(-np.arange(b - a) / (0.25 * (b - a)))
+    env = uniform_filter1d(env, int(0.005 * sr))  # no clicks at segment edges
     t = np.arange(n) / sr
     voicing = np.clip(voicing, 0.0, 1.0)
 

@@ -14,7 +14,7 @@ Kernel 5 spans frequency (axis 1), kernel 3 spans time (axis 2). Outputs are flo
 any dtype policy.
 
 Choices the paper leaves open (and what is done here):
-* 40 -> 20 bands: one 2x2 max pooling with 'valid' padding after the initial layer; the time
+* 40 -> 20 bands: one 2x2 max pooling (stride 2, 'valid') after the initial layer; the time
   axis is halved too (floor(L / 2)) so windows never mix real frames with padding.
 * MDCB branch merge: ``merge`` = sum (default, keeps ``filters`` channels) or concat.
 * Branch order and block numbering: MDCB k (k = 1..7) is block 3i+1/3i+2/3i+3 by k mod 3.
