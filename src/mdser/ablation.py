@@ -73,9 +73,9 @@ def markdown(frame: pd.DataFrame, corpus: str) -> str:
     }
     for table, part in frame.groupby("table", sort=True):
         ref = part["paper_corpus"].iloc[0]
-        note = "" if ref == corpus else f" (published on {ref}, a different corpus)"
+        note = "" if ref == corpus else f", a different corpus from this run's `{corpus}`"
         out.append(f"\n## {titles[table]}\n")
-        out.append(f"Paper column: the published UA on {ref.upper()}{note}.\n")
+        out.append(f"Paper UA: the published figure on {ref.upper()}{note}.\n")
         out.append(
             "| row | CNN section | pooling | loss | folds | UA | paper UA | Δ | WA | macro-F1 | pooled UA |"
         )

@@ -131,7 +131,11 @@ def batches(
 
 
 def configure(train: dict[str, Any]) -> Any:
-    """Seeds, op determinism, precision policy and the distribution strategy."""
+    """Op determinism, the precision policy, and the (single-device) strategy.
+
+    Training runs on the first GPU when there is one, else on the CPU. Data
+    parallelism over several GPUs is not implemented yet.
+    """
     import keras
     import tensorflow as tf
 
@@ -139,8 +143,7 @@ def configure(train: dict[str, Any]) -> Any:
     keras.mixed_precision.set_global_policy(
         "mixed_float16" if train["mixed_precision"] else "float32"
     )
-    gpus = tf.config.list_physical_devices("GPU")
-    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    return tf.distribute.get_strategy()
 
 
 def device_name() -> str:
@@ -278,6 +281,24 @@ def fit_fold(
     return model, history, stats
 
 
+def fit_with_smaller_batches_on_oom(
+    model_params: dict[str, Any], train: dict[str, Any], *args: Any, **kwargs: Any
+) -> tuple[Any, list[dict[str, float]], dict[str, Any]]:
+    """`fit_fold`; on a device out-of-memory, halve `batch_frames` and retrain the fold."""
+    import tensorflow as tf
+
+    batch_frames = train["batch_frames"]
+    while True:
+        try:
+            model, history, stats = fit_fold(model_params, train | {"batch_frames": batch_frames}, *args, **kwargs)
+            return model, history, stats | {"batch_frames": batch_frames}
+        except tf.errors.ResourceExhaustedError:
+            if batch_frames <= 2 * TIME_QUANTUM:
+                raise UserError("out of memory even with the smallest batch; free the device") from None
+            batch_frames //= 2
+            print(f"out of memory: retrying the fold with train.batch_frames = {batch_frames}")
+
+
 def encode_labels(rows: pd.DataFrame, classes: list[str]) -> np.ndarray:
     lookup = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(rows["emotion"]) - set(lookup))
@@ -323,7 +344,7 @@ def train_row(
         if not (done / "fold.json").exists():
             fit_members = {"train": members["train"], "val": members["val"], "all": index}
             labels = {r: encode_labels(members[r], classes) for r in ("train", "val")}
-            model, history, stats = fit_fold(
+            model, history, stats = fit_with_smaller_batches_on_oom(
                 model_params, train, heads, frames, fit_members, labels, len(classes),
                 fold["fold"], row,
             )

@@ -114,7 +114,8 @@ def check_model_params(model: Mapping, n_mels: int = 40) -> dict:
 def conv_unit(x, lengths, filters: int, kernel: tuple[int, int], dilation: tuple[int, int],
               name: str):
     """Conv2D ('same') + bias -> LeakyReLU -> re-zero the padded frames."""
-    x = layers.Conv2D(filters, kernel, padding="same", dilation_rate=dilation, name=name)(x)
+    x = layers.Conv2D(filters, kernel, padding="same", dilation_rate=dilation,
+                      kernel_initializer="he_uniform", name=name)(x)
     x = layers.LeakyReLU(LEAKY_SLOPE, name=f"{name}_act")(x)
     return MaskFrames(name=f"{name}_mask")(x, lengths)
 
@@ -181,7 +182,7 @@ def build_model(model: Mapping, n_classes: int, n_mels: int = 40) -> keras.Model
     if cfg["pooling"] == "gmp":
         bins = MaskedGlobalMaxPooling(name="gmp")(x, frames)  # (B, 1, C)
     else:
-        bins = SpatialPyramidPooling(cfg["spp_levels"], name="spp")(x, frames)  # (B, K, C)
+        bins = SpatialPyramidPooling(cfg["spp_levels"], n_mels // 2, name="spp")(x, frames)  # (B, K, C)
     if cfg["attention"]:
         bins, _ = BinAttention(int(cfg["attention_units"]), name="attention")(bins)
 

@@ -137,12 +137,13 @@ class SpatialPyramidPooling(keras.layers.Layer):
     padding never enters a bin and every bin is non-empty for L >= 1.
     """
 
-    def __init__(self, levels: Sequence[int], **kwargs):
+    def __init__(self, levels: Sequence[int], n_freq: int | None = None, **kwargs):
         super().__init__(**kwargs)
         self.levels = [int(n) for n in levels]
+        self.n_freq = n_freq  # static frequency size; dilated convs in a graph can lose it
 
     def call(self, x, lengths):
-        n_freq = x.shape[1]
+        n_freq = self.n_freq or x.shape[1]
         lengths = ops.expand_dims(ops.cast(lengths, "int32"), 1)  # (B, 1)
         frames = ops.expand_dims(ops.arange(ops.shape(x)[2], dtype="int32"), 0)  # (1, T)
         levels = []
@@ -165,7 +166,7 @@ class SpatialPyramidPooling(keras.layers.Layer):
         return (x_shape[0], sum(n * n for n in self.levels), x_shape[3])
 
     def get_config(self):
-        return {**super().get_config(), "levels": self.levels}
+        return {**super().get_config(), "levels": self.levels, "n_freq": self.n_freq}
 
 
 # ----------------------------------------------------------------------------- attention
