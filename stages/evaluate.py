@@ -1,6 +1,7 @@
 """DVC stage `evaluate@<row>`: test UA/WA per fold, mean ± std, logged to MLflow.
 
-    python stages/evaluate.py <row> data/features data/splits.json models/<row> results/<row> metrics/rows/<row>.json
+    python stages/evaluate.py <row> data/features data/splits.json models/<row> \
+        results/<row> metrics/rows/<row>.json
 """
 
 import argparse

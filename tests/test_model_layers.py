@@ -135,7 +135,8 @@ def test_attention_matches_numpy():
     want_alpha = np.exp(np_log_softmax(v @ u))  # Eq. 10
     np.testing.assert_allclose(alpha, want_alpha, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(alpha.sum(axis=1), 1.0, atol=1e-6)
-    np.testing.assert_allclose(y, x * want_alpha[:, :, None], rtol=1e-5, atol=1e-7)  # Eq. 11
+    k = x.shape[1]  # Eq. 11, rescaled by the number of bins K
+    np.testing.assert_allclose(y, k * x * want_alpha[:, :, None], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- heads and losses

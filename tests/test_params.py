@@ -13,6 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 GOOD = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
+def row(p: dict, name: str = "ff-spp-softmax") -> dict:
+    return p["ablation"]["rows"][name]
+
+
 def write(tmp_path, mutate):
     p = copy.deepcopy(GOOD)
     mutate(p)
@@ -34,7 +38,7 @@ BAD = [
     ("negative margin", lambda p: p["arcface"].update(m=-0.1), "arcface.m"),
     ("scale <= 0", lambda p: p["arcface"].update(s=0), "arcface.s"),
     ("spp level too fine", lambda p: p["model"].update(spp_levels=[1, 40]), "spp_levels"),
-    ("row spp level too fine", lambda p: p["ablation"]["rows"]["ff-spp-softmax"].update(spp_levels=[25]),
+    ("row spp level too fine", lambda p: row(p).update(spp_levels=[25]),
      "ablation.rows.ff-spp-softmax.spp_levels"),
     ("empty class set", lambda p: p["data"]["iemocap"].update(classes=[]), "data.iemocap.classes"),
     ("unknown corpus", lambda p: p["data"].update(corpus="ravdess"), "data.corpus"),
@@ -42,8 +46,8 @@ BAD = [
     ("bad sha256", lambda p: p["data"]["emodb"].update(sha256="xyz"), "data.emodb.sha256"),
     ("lr range", lambda p: p["train"].update(lr_min=1.0, lr_max=0.1), "lr_min"),
     ("unknown conv", lambda p: p["model"].update(conv="resnet"), "model.conv"),
-    ("row without head", lambda p: p["ablation"]["rows"]["ff-spp-softmax"].pop("head"), "head"),
-    ("misspelt row key", lambda p: p["ablation"]["rows"]["ff-spp-softmax"].update(pooling_="spp"), "pooling_"),
+    ("row without head", lambda p: row(p).pop("head"), "head"),
+    ("misspelt row key", lambda p: row(p).update(pooling_="spp"), "pooling_"),
 ]
 
 

@@ -53,10 +53,10 @@ def copy_repo(dest: Path) -> Path:
     (dest / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
     params = tiny_params(yaml.safe_load((dest / "params.yaml").read_text()))
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     run(["git", "init", "-q"], dest)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], dest)
     run(["git", "add", "-A"], dest)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "repo"], dest)
+    run([*git, "commit", "-q", "-m", "repo"], dest)
     return dest
 
 
@@ -175,7 +175,7 @@ def test_mlflow_server_lists_parent_runs_with_fold_children(repo):
             tags = {t["key"]: t["value"] for t in run_["data"]["tags"]}
             latest.setdefault(tags["row"], run_)
         assert sorted(latest) == sorted(ROWS)
-        for row, parent in latest.items():
+        for parent in latest.values():
             metrics = {m["key"] for m in parent["data"]["metrics"]}
             assert {"ua_mean", "ua_std", "wa_mean", "macro_f1_mean"} <= metrics
             pid = parent["info"]["run_id"]

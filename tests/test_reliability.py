@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import urllib.request
@@ -65,10 +66,15 @@ def env_for(repo: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def sh(cmd: list[str], repo: Path, check: bool = True, extra: dict[str, str] | None = None,
        timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=repo, env=env_for(repo, extra), capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    """Run and capture through files, not pipes: `dvc queue start` leaves daemons holding them."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        rc = subprocess.run(cmd, cwd=repo, env=env_for(repo, extra), stdout=out, stderr=err,
+                            stdin=subprocess.DEVNULL, timeout=timeout).returncode
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, rc, out.read(), err.read())
+    if check and rc != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({rc}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
@@ -179,11 +185,30 @@ class MlflowServer:
 # --- fixtures -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """The uninterrupted reference run: `dvc repro` of the tiny pipeline, then committed."""
+@pytest.fixture(scope="module", autouse=True)
+def _base_build(request, tmp_path_factory):
+    """Start the reference run in the background as soon as the module starts (if needed),
+    so that it overlaps the bad-parameter and interruption runs."""
+    if not any("base" in item.fixturenames for item in request.session.items):
+        yield None
+        return
     repo = fresh_repo(tmp_path_factory.mktemp("base"))
-    sh(["dvc", "repro"], repo)
+    log = repo.parent / "base-repro.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env_for(repo), stdout=f,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    yield repo, proc, log
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def base(_base_build) -> Path:
+    """The uninterrupted reference run: `dvc repro` of the tiny pipeline, then committed."""
+    repo, proc, log = _base_build
+    assert proc.wait(timeout=1200) == 0, log.read_text()
     commit_all(repo, "repro")
     return repo
 
@@ -195,7 +220,100 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-# --- 1. parameters checked before any work ------------------------------------------------
+# --- 6. security: the source (static) ------------------------------------------------------------
+
+
+UNSAFE = {
+    r"yaml\.(load|unsafe_load|full_load)\s*\(": "yaml loaded without the safe loader",
+    r"yaml\.(Unsafe|Full)?Loader\b": "a non-safe YAML loader",
+    r"allow_pickle\s*=\s*True": "numpy pickles allowed",
+    r"^\s*(import|from)\s+(pickle|cPickle|dill|joblib|shelve|marshal)\b": "a pickle module",
+    r"\b(pickle|joblib|dill|torch)\.load\s*\(": "a pickle load",
+    r"0\.0\.0\.0": "a server bound to every interface",
+}
+
+
+def test_source_uses_safe_loaders_and_no_pickle():
+    files = sorted((ROOT / "src").rglob("*.py")) + sorted((ROOT / "stages").rglob("*.py"))
+    found = []
+    for f in files:
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            for pattern, why in UNSAFE.items():
+                if re.search(pattern, line):
+                    found.append(f"{f.relative_to(ROOT)}:{n}: {why}: {line.strip()}")
+    assert len(files) > 20
+    assert not found, "\n".join(found)
+
+
+def test_readme_mlflow_server_listens_on_localhost_only():
+    readme = (ROOT / "README.md").read_text()
+    for line in readme.splitlines():
+        if re.search(r"mlflow (server|ui)", line):
+            assert "0.0.0.0" not in line and not re.search(r"--host\s+(?!127\.0\.0\.1|localhost)", line), line
+
+
+# --- 7. resource bounds --------------------------------------------------------------------------
+
+
+def test_batches_of_30_second_utterances_stay_within_the_frame_budget():
+    from mdser.training import TIME_QUANTUM, length_batches, pad_batch
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    budget = params["train"]["batch_frames"]
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([rng.integers(50, 3001, 300), [3001, 3001, 3000, 2999, 51]])
+    rows = pd.DataFrame({"frames": lengths, "offset": np.concatenate([[0], np.cumsum(lengths)[:-1]])})
+    n_mels = params["features"]["n_mels"]
+    frames = np.zeros((int(lengths.sum()), n_mels, 3), np.float32)
+    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
+    seen = []
+    for idx in length_batches(lengths, budget, rng):
+        x, true = pad_batch(frames, rows.iloc[idx], mean, std)
+        padded = x.shape[0] * x.shape[2]
+        assert x.shape[2] % TIME_QUANTUM == 0 and x.shape[2] >= true.max()
+        assert padded <= budget or len(idx) == 1, (len(idx), x.shape)
+        assert x.nbytes <= max(budget, x.shape[2]) * n_mels * 3 * 4
+        seen.extend(idx.tolist())
+    assert sorted(seen) == list(range(len(lengths)))
+
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import json, resource, sys
+    import numpy as np, tensorflow as tf
+    from mdser.params import load_params, row_model
+    from mdser.model import build_model, per_sample_loss
+    params = load_params(sys.argv[1])
+    rows = params["ablation"]["rows"]
+    row = max(rows, key=lambda r: (row_model(params, r)["conv"] == "mdcb",
+                                   len(row_model(params, r)["spp_levels"]),
+                                   bool(row_model(params, r)["attention"])))
+    model_params = row_model(params, row)
+    n_mels = params["features"]["n_mels"]
+    model = build_model(model_params, 7, n_mels=n_mels)
+    loss_fn = per_sample_loss(model_params["head"], params["arcface"], params["softmax"])
+    x = np.random.default_rng(0).standard_normal((1, n_mels, 3008, 3)).astype(np.float32)
+    with tf.GradientTape() as tape:
+        out = model({"features": x, "lengths": np.array([3001], np.int32)}, training=True)
+        loss = tf.reduce_mean(loss_fn(np.array([2], np.int32), out))
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
+    print(json.dumps({"row": row, "model": model_params,
+                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+""")
+
+
+@pytest.mark.slow
+def test_a_30_second_utterance_trains_well_within_24_gb(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(ROOT / "params.yaml")],
+                          env=env_for(ROOT) | {"CUDA_VISIBLE_DEVICES": ""}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"30 s utterance, row {result['row']}: peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB")
+    assert result["peak_rss_bytes"] < 4 * 2**30  # 24 GB machine: a sixth of it at most
+
+
+# --- 1. parameters checked before any work -------------------------------------------------------
 
 
 def _rename(section: str, old: str, new: str) -> Callable[[dict], None]:
@@ -270,17 +388,39 @@ def test_more_folds_than_speakers_is_refused_before_any_work(tmp_path):
     assert not (repo / "data").exists()
 
 
-@pytest.mark.slow
-def test_more_folds_than_speakers_is_a_clear_error_of_train(base, tmp_path):
-    repo = clone(base, tmp_path / "r")
-    edit_params(repo, lambda p: p["train"].update(folds=50))
-    proc = sh(["dvc", "repro", "-s", f"train@{ROW}"], repo, check=False)
-    assert proc.returncode != 0
-    errors = error_lines(proc.stderr)
-    assert len(errors) == 1 and "train.folds = 50" in errors[0], proc.stderr
-    assert "10 folds" in errors[0]
-    assert TRACEBACK not in proc.stderr
-    assert not (repo / "models" / ROW).exists() and not partials(repo)
+# --- 3a. concurrency: the local store's lock -----------------------------------------------------
+
+
+LOCK_SCRIPT = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from filelock import FileLock, Timeout
+    os.chdir(sys.argv[1])
+    from mdser import tracking
+    tracking.client()  # what log_row does first
+    with tracking.store_lock():
+        try:
+            FileLock(str(Path(sys.argv[1]) / "mlruns" / ".lock"), timeout=0.5).acquire()
+            print("not locked")
+        except Timeout:
+            print("locked")
+    mlflow_client = tracking.client()
+    exp = tracking.experiment_id(mlflow_client, "probe")
+    print(mlflow_client.get_experiment(exp).artifact_location)
+""")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "mlflow.set_tracking_uri() (in tracking.client) sets os.environ['MLFLOW_TRACKING_URI'], and "
+    "tracking.store_lock / experiment_id read that variable to mean 'a server': afterwards the "
+    "local store is never locked and experiments get no artifact location under mlruns/"))
+def test_local_store_lock_is_held(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", LOCK_SCRIPT, str(tmp_path)], env=env_for(ROOT),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    locked, location = proc.stdout.split()[-2:]
+    assert locked == "locked"
+    assert location == (tmp_path / "mlruns" / "artifacts" / "probe").as_uri()
 
 
 # --- 2. interruption ------------------------------------------------------------------------
@@ -397,100 +537,20 @@ def test_killed_mlflow_logging_leaves_no_dangling_run(interrupted):
     assert not dangling, dangling
 
 
-# --- 3. concurrency ---------------------------------------------------------------------------
-
-
-def run_queue(repo: Path, values: list[float], extra: dict[str, str] | None = None) -> list[dict]:
-    """Queue one experiment per arcface.s value, run them with two workers, wait."""
-    for s in values:
-        sh(["dvc", "exp", "run", "--queue", "-S", f"arcface.s={s}"], repo, extra=extra)
-    sh(["dvc", "queue", "start", "-j", "2"], repo, extra=extra)
-    deadline, rows = time.time() + 900, []
-    while time.time() < deadline:
-        time.sleep(3)
-        out = sh(["dvc", "queue", "status"], repo, extra=extra).stdout
-        rows = [line.split() for line in out.splitlines()[1:] if line.strip()]
-        states = [r[-1] for r in rows if r and r[-1] in ("Queued", "Running", "Success", "Failed")]
-        if len(states) == len(values) and all(s in ("Success", "Failed") for s in states):
-            break
-    else:
-        raise AssertionError(f"queue did not finish:\n{out}")
-    sh(["dvc", "queue", "stop"], repo, check=False, extra=extra, timeout=120)
-    return rows
-
-
-def _check_runs(runs: list, values: list[float]) -> dict[str, int]:
-    parents = [r for r in runs if r.data.tags.get("level") == "row"]
-    per_key = Counter((r.data.tags.get("dvc.exp_name"), r.data.tags["row"]) for r in parents)
-    assert all(per_key.values()) and set(per_key.values()) == {1}, per_key
-    assert len(per_key) == len(values)
-    assert all(name for name, _ in per_key), "a parent run has no dvc.exp_name tag"
-    assert sorted(float(r.data.params["arcface.s"]) for r in parents) == sorted(values)
-    assert all(r.info.status == "FINISHED" for r in parents)
-    for p in parents:
-        kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
-        assert sorted(r.data.tags["fold"] for r in kids) == ["0", "1"]
-    return {"parents": len(parents), "children": len(runs) - len(parents)}
-
-
-def _queue_case(base: Path, repo: Path, extra: dict[str, str] | None, uri: str) -> list:
-    values = [3.0, 4.0]
-    clone(base, repo)  # no mlruns/: the workers race to create the local store
-    rows = run_queue(repo, values, extra)
-    failed = [r for r in rows if r[-1] != "Success"]
-    logs = "\n".join(sh(["dvc", "queue", "logs", r[0]], repo, check=False, extra=extra).stdout
-                     for r in failed)
-    assert not failed, f"{rows}\n{logs}"
-    shown = json.loads(sh(["dvc", "exp", "show", "--json"], repo, extra=extra).stdout)
-    exps = [e for rev in shown for e in rev.get("experiments") or []]
-    assert len(exps) == len(values), shown
-    runs = mlflow_runs(uri)
-    counts = _check_runs(runs, values)
-    print(f"queue: {len(values)} experiments, 2 workers, MLflow at {uri}: {counts}")
-    return runs
-
-
-@pytest.fixture(scope="module")
-def queued_local(base, tmp_path_factory) -> tuple[Path, list]:
-    repo = tmp_path_factory.mktemp("queue-local") / "q"
-    return repo, _queue_case(base, repo, None, local_uri(repo))
-
-
-@pytest.fixture(scope="module")
-def queued_server(base, server, tmp_path_factory) -> tuple[Path, list]:
-    repo = tmp_path_factory.mktemp("queue-server") / "q"
-    return repo, _queue_case(base, repo, {"MLFLOW_TRACKING_URI": server.uri}, server.uri)
+# --- 1b. more folds than speakers, at the train stage --------------------------------------------
 
 
 @pytest.mark.slow
-def test_two_queued_experiments_log_every_run_once_to_the_local_store(queued_local):
-    repo, runs = queued_local
-    assert len(runs) == 6  # 2 experiments x (1 row + 2 folds)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "mlflow.set_tracking_uri() sets MLFLOW_TRACKING_URI in os.environ, so tracking.experiment_id "
-    "and store_lock take the local store for a server: the experiment gets MLflow's default "
-    "artifact root, ./mlruns of the queue's temporary workspace, deleted after the experiment"))
-def test_queued_runs_keep_their_artifacts_in_the_local_store(queued_local):
-    repo, runs = queued_local
-    for r in runs:
-        path = Path(r.info.artifact_uri.removeprefix("file://"))
-        assert path.is_relative_to(repo / "mlruns"), r.info.artifact_uri
-        assert any(path.iterdir()), r.info.artifact_uri
-
-
-@pytest.mark.slow
-def test_two_queued_experiments_log_every_run_once_to_a_server(queued_server, server):
-    from mlflow.tracking import MlflowClient
-
-    repo, runs = queued_server
-    assert len(runs) == 6
-    assert not (repo / "mlruns").exists()  # nothing went to a local store
-    client = MlflowClient(server.uri)
-    for r in runs:
-        assert client.list_artifacts(r.info.run_id), r.info.run_name
+def test_more_folds_than_speakers_is_a_clear_error_of_train(base, tmp_path):
+    repo = clone(base, tmp_path / "r")
+    edit_params(repo, lambda p: p["train"].update(folds=50))
+    proc = sh(["dvc", "repro", "-s", f"train@{ROW}"], repo, check=False)
+    assert proc.returncode != 0
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and "train.folds = 50" in errors[0], proc.stderr
+    assert "10 folds" in errors[0]
+    assert TRACEBACK not in proc.stderr
+    assert not (repo / "models" / ROW).exists() and not partials(repo)
 
 
 # --- 4. numerical faults --------------------------------------------------------------------
@@ -582,36 +642,7 @@ def test_a_feature_index_with_shuffled_frame_counts_is_refused(base, tmp_path):
         open_features(repo / "data/features")
 
 
-# --- 6. security ------------------------------------------------------------------------------
-
-
-UNSAFE = {
-    r"yaml\.(load|unsafe_load|full_load)\s*\(": "yaml loaded without the safe loader",
-    r"yaml\.(Unsafe|Full)?Loader\b": "a non-safe YAML loader",
-    r"allow_pickle\s*=\s*True": "numpy pickles allowed",
-    r"^\s*(import|from)\s+(pickle|cPickle|dill|joblib|shelve|marshal)\b": "a pickle module",
-    r"\b(pickle|joblib|dill|torch)\.load\s*\(": "a pickle load",
-    r"0\.0\.0\.0": "a server bound to every interface",
-}
-
-
-def test_source_uses_safe_loaders_and_no_pickle():
-    files = sorted((ROOT / "src").rglob("*.py")) + sorted((ROOT / "stages").rglob("*.py"))
-    found = []
-    for f in files:
-        for n, line in enumerate(f.read_text().splitlines(), 1):
-            for pattern, why in UNSAFE.items():
-                if re.search(pattern, line):
-                    found.append(f"{f.relative_to(ROOT)}:{n}: {why}: {line.strip()}")
-    assert len(files) > 20
-    assert not found, "\n".join(found)
-
-
-def test_readme_mlflow_server_listens_on_localhost_only():
-    readme = (ROOT / "README.md").read_text()
-    for line in readme.splitlines():
-        if re.search(r"mlflow (server|ui)", line):
-            assert "0.0.0.0" not in line and not re.search(r"--host\s+(?!127\.0\.0\.1|localhost)", line), line
+# --- 6b. security: credentials in the tracking URI -----------------------------------------------
 
 
 @pytest.mark.slow
@@ -632,62 +663,107 @@ def test_tracking_credentials_are_never_written(base, server, tmp_path):
         assert secret not in blob and "alice" not in blob, blob
 
 
-# --- 7. resource bounds -----------------------------------------------------------------------
+# --- 3b. concurrency: two queued experiments, two workers ----------------------------------------
 
 
-def test_batches_of_30_second_utterances_stay_within_the_frame_budget():
-    from mdser.training import TIME_QUANTUM, length_batches, pad_batch
-
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    budget = params["train"]["batch_frames"]
-    rng = np.random.default_rng(0)
-    lengths = np.concatenate([rng.integers(50, 3001, 300), [3001, 3001, 3000, 2999, 51]])
-    rows = pd.DataFrame({"frames": lengths, "offset": np.concatenate([[0], np.cumsum(lengths)[:-1]])})
-    n_mels = params["features"]["n_mels"]
-    frames = np.zeros((int(lengths.sum()), n_mels, 3), np.float32)
-    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
-    seen = []
-    for idx in length_batches(lengths, budget, rng):
-        x, true = pad_batch(frames, rows.iloc[idx], mean, std)
-        padded = x.shape[0] * x.shape[2]
-        assert x.shape[2] % TIME_QUANTUM == 0 and x.shape[2] >= true.max()
-        assert padded <= budget or len(idx) == 1, (len(idx), x.shape)
-        assert x.nbytes <= max(budget, x.shape[2]) * n_mels * 3 * 4
-        seen.extend(idx.tolist())
-    assert sorted(seen) == list(range(len(lengths)))
+def run_queue(repo: Path, values: list[float], extra: dict[str, str] | None = None) -> list[dict]:
+    """Queue one experiment per arcface.s value, run them with two workers, wait."""
+    for s in values:
+        sh(["dvc", "exp", "run", "--queue", "-S", f"arcface.s={s}"], repo, extra=extra)
+    sh(["dvc", "queue", "start", "-j", "2"], repo, extra=extra)
+    try:  # the workers stay up when the queue is empty: always stop them
+        deadline, out = time.time() + 900, ""
+        while time.time() < deadline:
+            time.sleep(3)
+            out = sh(["dvc", "queue", "status"], repo, extra=extra).stdout
+            rows = [line.split() for line in out.splitlines()[1:]]
+            rows = [r for r in rows if r and r[-1] in ("Queued", "Running", "Success", "Failed")]
+            if len(rows) == len(values) and all(r[-1] in ("Success", "Failed") for r in rows):
+                return rows
+        raise AssertionError(f"queue did not finish:\n{out}")
+    finally:
+        sh(["dvc", "queue", "stop"], repo, check=False, extra=extra, timeout=120)
 
 
-PEAK_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
-    import numpy as np, tensorflow as tf
-    from mdser.params import load_params, row_model
-    from mdser.model import build_model, per_sample_loss
-    params = load_params(sys.argv[1])
-    rows = params["ablation"]["rows"]
-    row = max(rows, key=lambda r: (row_model(params, r)["conv"] == "mdcb",
-                                   len(row_model(params, r)["spp_levels"]),
-                                   bool(row_model(params, r)["attention"])))
-    model_params = row_model(params, row)
-    n_mels = params["features"]["n_mels"]
-    model = build_model(model_params, 7, n_mels=n_mels)
-    loss_fn = per_sample_loss(model_params["head"], params["arcface"], params["softmax"])
-    x = np.random.default_rng(0).standard_normal((1, n_mels, 3008, 3)).astype(np.float32)
-    with tf.GradientTape() as tape:
-        out = model({"features": x, "lengths": np.array([3001], np.int32)}, training=True)
-        loss = tf.reduce_mean(loss_fn(np.array([2], np.int32), out))
-    grads = tape.gradient(loss, model.trainable_variables)
-    assert all(g is not None and np.isfinite(g.numpy()).all() for g in grads)
-    print(json.dumps({"row": row, "model": model_params,
-                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-""")
+def _check_runs(runs: list, values: list[float]) -> dict[str, int]:
+    parents = [r for r in runs if r.data.tags.get("level") == "row"]
+    per_key = Counter((r.data.tags.get("dvc.exp_name"), r.data.tags["row"]) for r in parents)
+    assert all(per_key.values()) and set(per_key.values()) == {1}, per_key
+    assert len(per_key) == len(values)
+    assert all(name for name, _ in per_key), "a parent run has no dvc.exp_name tag"
+    assert sorted(float(r.data.params["arcface.s"]) for r in parents) == sorted(values)
+    assert all(r.info.status == "FINISHED" for r in parents)
+    for p in parents:
+        kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
+        assert sorted(r.data.tags["fold"] for r in kids) == ["0", "1"]
+    return {"parents": len(parents), "children": len(runs) - len(parents)}
+
+
+QUEUED_S = [3.0, 4.0]
+
+
+def _queue_case(base: Path, repo: Path, extra: dict[str, str] | None, uri: str) -> dict:
+    clone(base, repo)  # no mlruns/: the workers race to create the local store
+    t0 = time.time()
+    rows = run_queue(repo, QUEUED_S, extra)
+    logs = {r[0]: sh(["dvc", "queue", "logs", r[0]], repo, check=False, extra=extra).stdout
+            for r in rows if r[-1] != "Success"}
+    names = sh(["dvc", "exp", "list", "--name-only"], repo, extra=extra).stdout.split()
+    return {"repo": repo, "rows": rows, "logs": logs, "exp_names": names,
+            "runs": mlflow_runs(uri), "seconds": time.time() - t0}
+
+
+def _assert_queue_accounted(q: dict) -> None:
+    """Both experiments succeeded; DVC and MLflow each hold every one of them exactly once."""
+    failed = {r[1]: q["logs"][r[0]][-3000:] for r in q["rows"] if r[-1] != "Success"}
+    assert not failed, failed
+    assert sorted(q["exp_names"]) == sorted(r[1] for r in q["rows"])
+    counts = _check_runs(q["runs"], QUEUED_S)
+    assert len(q["runs"]) == 6  # 2 experiments x (1 row + 2 folds)
+    assert {r.data.tags["dvc.exp_name"] for r in q["runs"]} == set(q["exp_names"])
+    print(f"queue: {len(QUEUED_S)} experiments on 2 workers in {q['seconds']:.0f} s: {counts}")
+
+
+@pytest.fixture(scope="module")
+def queued_local(base, tmp_path_factory) -> dict:
+    repo = tmp_path_factory.mktemp("queue-local") / "q"
+    return _queue_case(base, repo, None, local_uri(repo))
+
+
+@pytest.fixture(scope="module")
+def queued_server(base, server, tmp_path_factory) -> dict:
+    repo = tmp_path_factory.mktemp("queue-server") / "q"
+    return _queue_case(base, repo, {"MLFLOW_TRACKING_URI": server.uri}, server.uri)
 
 
 @pytest.mark.slow
-def test_a_30_second_utterance_trains_well_within_24_gb(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(ROOT / "params.yaml")],
-                          env=env_for(ROOT) | {"CUDA_VISIBLE_DEVICES": ""}, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"30 s utterance, row {result['row']}: peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB")
-    assert result["peak_rss_bytes"] < 4 * 2**30  # 24 GB machine: a sixth of it at most
+@pytest.mark.xfail(strict=False, reason=(
+    "timing-dependent: tracking.store_lock is a no-op (see test_local_store_lock_is_held), so the "
+    "two workers may create the SQLite tables at once: 'table ... already exists' fails one "
+    "evaluate stage"))
+def test_two_queued_experiments_log_every_run_once_to_the_local_store(queued_local):
+    _assert_queue_accounted(queued_local)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "the experiment gets MLflow's default artifact root, ./mlruns of the queue's temporary "
+    "workspace, which DVC deletes after the experiment (see test_local_store_lock_is_held)"))
+def test_queued_runs_keep_their_artifacts_in_the_local_store(queued_local):
+    runs = queued_local["runs"]
+    assert runs
+    for r in runs:
+        path = Path(r.info.artifact_uri.removeprefix("file://"))
+        assert path.is_relative_to(queued_local["repo"] / "mlruns"), r.info.artifact_uri
+        assert path.is_dir() and any(path.iterdir()), r.info.artifact_uri
+
+
+@pytest.mark.slow
+def test_two_queued_experiments_log_every_run_once_to_a_server(queued_server, server):
+    from mlflow.tracking import MlflowClient
+
+    _assert_queue_accounted(queued_server)
+    assert not (queued_server["repo"] / "mlruns").exists()  # nothing went to a local store
+    client = MlflowClient(server.uri)
+    for r in queued_server["runs"]:
+        assert client.list_artifacts(r.info.run_id), r.info.run_name

@@ -8,7 +8,12 @@ import soundfile as sf
 from mdser.errors import UserError
 from mdser.features import build_feature_store, n_frames
 from mdser.stores import (
-    atomic_dir, build_audio_store, open_audio, open_features, sha256_file, write_meta,
+    atomic_dir,
+    build_audio_store,
+    open_audio,
+    open_features,
+    sha256_file,
+    write_meta,
 )
 
 FEATURES = {"n_mels": 40, "n_fft": 512, "win_ms": 25, "hop_ms": 10, "delta_n": 9}

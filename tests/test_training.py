@@ -6,7 +6,12 @@ import pytest
 
 from mdser.errors import UserError
 from mdser.training import (
-    TIME_QUANTUM, class_weights, cyclical_lr, length_batches, pad_batch, standardization,
+    TIME_QUANTUM,
+    class_weights,
+    cyclical_lr,
+    length_batches,
+    pad_batch,
+    standardization,
 )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+JSON_COLUMNS = ("ua_mean", "ua_std", "wa_mean", "macro_f1", "paper_ua")
 CONV_NAMES = {
     "plain": "Traditional CNN", "ff": "CNN with FF",
     "dilated": "Dilated CNN (rate 2) with FF", "mdcb": "Multi-dilated CNN with FF",
@@ -94,7 +95,7 @@ def write_tables(frame: pd.DataFrame, corpus: str, stem: Any) -> None:
     stem.with_suffix(".md").write_text(markdown(frame, corpus), encoding="utf-8", newline="\n")
     frame.to_csv(stem.with_suffix(".csv"), index=False, lineterminator="\n")
     records = {
-        f"{r['table']}/{r['row']}": {k: r[k] for k in ("ua_mean", "ua_std", "wa_mean", "macro_f1", "paper_ua")}
+        f"{r['table']}/{r['row']}": {k: r[k] for k in JSON_COLUMNS}
         for r in json.loads(frame.to_json(orient="records"))
     }
     stem.with_suffix(".json").write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")

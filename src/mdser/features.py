@@ -10,7 +10,16 @@ import numpy as np
 import pandas as pd
 
 from mdser.errors import UserError
-from mdser.stores import FEATURES_FILE, INDEX_FILE, open_audio, parallel_map, read_meta, write_index, write_meta
+from mdser.stores import (
+    FEATURES_FILE,
+    INDEX_FILE,
+    open_audio,
+    parallel_map,
+    read_meta,
+    write_index,
+    write_meta,
+)
+
 
 def stft_geometry(features: dict[str, Any], sample_rate: int) -> tuple[int, int]:
     """Window and hop in samples: 25 ms Hamming window, 10 ms hop (15 ms overlap)."""

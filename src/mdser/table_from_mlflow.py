@@ -28,7 +28,9 @@ def main() -> None:
     summaries = summaries_from_mlflow(experiment, rows)
     missing = sorted(set(rows) - set(summaries))
     if missing:
-        raise UserError(f"experiment {experiment!r} at {tracking_uri()} has no finished run for rows {missing}")
+        raise UserError(
+            f"experiment {experiment!r} at {tracking_uri()} has no finished run for rows {missing}"
+        )
     models = {row: row_model(params, row) for row in rows}
     args.stem.parent.mkdir(parents=True, exist_ok=True)
     write_tables(table_frame(params, models, summaries, corpus), corpus, args.stem)

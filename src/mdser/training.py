@@ -180,7 +180,8 @@ class Predictor:
 
         @tf.function(input_signature=spec, reduce_retracing=True)
         def probabilities(x: Any, lengths: Any) -> Any:
-            return class_probabilities(head, model({"features": x, "lengths": lengths}, training=False), arcface)
+            outputs = model({"features": x, "lengths": lengths}, training=False)
+            return class_probabilities(head, outputs, arcface)
 
         self.probabilities = probabilities
 
@@ -290,7 +291,8 @@ def fit_with_smaller_batches_on_oom(
     batch_frames = train["batch_frames"]
     while True:
         try:
-            model, history, stats = fit_fold(model_params, train | {"batch_frames": batch_frames}, *args, **kwargs)
+            smaller = train | {"batch_frames": batch_frames}
+            model, history, stats = fit_fold(model_params, smaller, *args, **kwargs)
             return model, history, stats | {"batch_frames": batch_frames}
         except tf.errors.ResourceExhaustedError:
             if batch_frames <= 2 * TIME_QUANTUM:

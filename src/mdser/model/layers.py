@@ -179,8 +179,10 @@ class BinAttention(keras.layers.Layer):
     The pooled output is read as K bin vectors x_k in R^C (K = sum n^2 for SPP, 1 for GMP):
         v_k = sigmoid(W^T x_k + b)      in R^units            (Eq. 9)
         alpha = softmax_k(v_k . u)      u: learned context     (Eq. 10)
-        y_k = alpha_k * x_k             shape (B, K, C)        (Eq. 11)
-    W and b are shared over the bins. The softmax is taken in float32.
+        y_k = K * alpha_k * x_k         shape (B, K, C)        (Eq. 11, rescaled)
+    W and b are shared over the bins. The softmax is taken in float32. The factor K
+    (a constant) makes uniform attention the identity: without it the FC layer would
+    see its input shrunk K-fold (126x for SPP(1,5,10)), which stalls training.
     """
 
     def __init__(self, units: int, **kwargs):
@@ -198,7 +200,8 @@ class BinAttention(keras.layers.Layer):
         v = ops.sigmoid(ops.matmul(x, self.w) + self.b)  # (B, K, units)
         scores = ops.cast(ops.sum(v * self.u, axis=-1), "float32")  # (B, K)
         alpha = ops.exp(scores - ops.logsumexp(scores, axis=-1, keepdims=True))  # softmax_k
-        y = x * ops.cast(alpha, x.dtype)[:, :, None]
+        k = ops.cast(ops.shape(x)[1], x.dtype)
+        y = x * (k * ops.cast(alpha, x.dtype))[:, :, None]
         return [y, alpha]
 
     def compute_output_spec(self, x):
