@@ -103,7 +103,8 @@ def test_arcface_change_touches_only_arcface_rows(repo):
         assert set(status) == expected
         dry = run(["dvc", "repro", "--dry"], repo).stdout
         ran = {line.split("'")[1] for line in dry.splitlines() if line.startswith("Running stage")}
-        assert ran == expected | {"ablate"}
+        # --dry cannot know yet whether the table's inputs will change, so `ablate` may be absent
+        assert expected <= ran <= expected | {"ablate"}
     finally:
         run(["git", "checkout", "params.yaml"], repo)
 

@@ -162,13 +162,16 @@ class MlflowServer:
              "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
             cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        deadline = time.time() + 120
+        self.workdir = workdir
+
+    def wait_ready(self) -> MlflowServer:
+        deadline = time.time() + 180
         while time.time() < deadline:
             try:
                 urllib.request.urlopen(f"{self.uri}/health", timeout=1)
-                return
+                return self
             except OSError:
-                assert self.proc.poll() is None, (workdir / "server.log").read_text()
+                assert self.proc.poll() is None, (self.workdir / "server.log").read_text()
                 time.sleep(0.5)
         raise AssertionError("mlflow server did not start")
 
@@ -213,11 +216,21 @@ def base(_base_build) -> Path:
     return repo
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", autouse=True)
+def _server_start(request, tmp_path_factory):
+    """Start the MLflow server in the background as soon as the module starts (if needed)."""
+    if not any("server" in item.fixturenames for item in request.session.items):
+        yield None
+        return
     srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(_server_start) -> MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with its own SQLite store and artifact folder."""
+    return _server_start.wait_ready()
 
 
 # --- 6. security: the source (static) ------------------------------------------------------------
@@ -345,14 +358,36 @@ BAD_PARAMS = [
 ]
 
 
-def _bad_params_case(tmp: Path, name: str, mutate: Callable[[dict], None], shown: list[str]) -> str:
-    """Run `dvc repro` with one bad value; return "" or what went wrong."""
+STAGE_CMDS = {  # each stage's command in dvc.yaml, for the one row
+    "download": "stages/download.py data/raw data/manifest.csv metrics/corpus.json",
+    "resample": "stages/resample.py data/manifest.csv data/raw data/audio",
+    "featurize": "stages/featurize.py data/audio data/features",
+    "split": "stages/split.py data/manifest.csv data/splits.json",
+    "train": f"stages/train.py {ROW} data/features data/splits.json models/{ROW}",
+    "evaluate": f"stages/evaluate.py {ROW} data/features data/splits.json models/{ROW} "
+                f"results/{ROW} metrics/rows/{ROW}.json",
+    "ablate": "stages/ablate.py results metrics",
+}
+
+
+def _how(i: int) -> list[str]:
+    """Every third case through `dvc repro`, the others through one stage script each."""
+    if i % 3 == 0:
+        return ["dvc", "repro"]
+    stage = list(STAGE_CMDS)[i % len(STAGE_CMDS)]
+    return [sys.executable, *STAGE_CMDS[stage].split()]
+
+
+def _bad_params_case(tmp: Path, i: int) -> str:
+    """Run with one bad value; return "" or what went wrong."""
+    name, mutate, shown = BAD_PARAMS[i]
     repo = fresh_repo(tmp / re.sub(r"\W+", "_", name))
     edit_params(repo, mutate)
-    proc = sh(["dvc", "repro"], repo, check=False)
+    cmd = _how(i)
+    proc = sh(cmd, repo, check=False)
     problems = []
     if proc.returncode == 0:
-        problems.append("dvc repro succeeded")
+        problems.append(f"{' '.join(cmd[:2])} succeeded")
     errors = error_lines(proc.stderr)
     if len(errors) != 1:
         problems.append(f"{len(errors)} 'error:' messages")
@@ -364,14 +399,15 @@ def _bad_params_case(tmp: Path, name: str, mutate: Callable[[dict], None], shown
     for out in ("data", "models", "results", "metrics", "mlruns", ".cache"):
         if (repo / out).exists():
             problems.append(f"{out}/ was written")
-    return f"{name}: {'; '.join(problems)}\n{proc.stderr}" if problems else ""
+    return f"{name} ({' '.join(cmd[:2])}): {'; '.join(problems)}\n{proc.stderr}" if problems else ""
 
 
 @pytest.mark.slow
-def test_bad_parameters_stop_dvc_repro_before_any_work(tmp_path):
+def test_bad_parameters_stop_every_stage_before_any_work(tmp_path):
     with ThreadPoolExecutor(3) as pool:
-        failures = list(pool.map(lambda case: _bad_params_case(tmp_path, *case), BAD_PARAMS))
-    print(f"{len(BAD_PARAMS)} bad parameter values tried with dvc repro")
+        failures = list(pool.map(lambda i: _bad_params_case(tmp_path, i), range(len(BAD_PARAMS))))
+    ways = Counter(Path(_how(i)[1]).stem for i in range(len(BAD_PARAMS)))
+    print(f"{len(BAD_PARAMS)} bad parameter values tried: {dict(ways)}")
     assert not [f for f in failures if f], "\n".join(f for f in failures if f)
 
 
@@ -645,125 +681,178 @@ def test_a_feature_index_with_shuffled_frame_counts_is_refused(base, tmp_path):
 # --- 6b. security: credentials in the tracking URI -----------------------------------------------
 
 
-@pytest.mark.slow
-def test_tracking_credentials_are_never_written(base, server, tmp_path):
-    secret = "s3cret"
-    uri = server.uri.replace("http://", f"http://alice:{secret}@")
-    repo = clone(base, tmp_path / "r")
+SECRET = "s3cret"
+
+
+def with_credentials(uri: str) -> str:
+    return uri.replace("http://", f"http://alice:{SECRET}@")
+
+
+def leaked_files(repo: Path) -> list[str]:
+    return [str(p.relative_to(repo)) for p in repo.rglob("*")
+            if p.is_file() and SECRET.encode() in p.read_bytes()]
+
+
+@pytest.fixture(scope="module")
+def credential_run(base, server, tmp_path_factory) -> dict:
+    """`dvc repro` of the evaluate stage against the server, credentials in MLFLOW_TRACKING_URI."""
+    repo = clone(base, tmp_path_factory.mktemp("credentials") / "r")
     edit_params(repo, lambda p: p["mlflow"].update(experiment_prefix="leak"))
-    proc = sh(["dvc", "repro"], repo, extra={"MLFLOW_TRACKING_URI": uri})
+    proc = sh(["dvc", "repro"], repo, check=False,
+              extra={"MLFLOW_TRACKING_URI": with_credentials(server.uri)})
+    return {"repo": repo, "proc": proc, "runs": mlflow_runs(server.uri, "leak-synth")}
+
+
+@pytest.mark.slow
+def test_tracking_credentials_are_never_written_to_files_or_mlflow(credential_run):
+    proc, runs = credential_run["proc"], credential_run["runs"]
+    assert proc.returncode == 0, proc.stderr
     assert f"Running stage 'evaluate@{ROW}'" in proc.stdout
-    assert secret not in proc.stdout + proc.stderr
-    leaks = [p for p in repo.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    leaks = leaked_files(credential_run["repo"])  # params.yaml, dvc.lock, metrics/, results/, .dvc/
     assert not leaks, leaks
-    runs = mlflow_runs(server.uri, "leak-synth")
     assert len(runs) == 3  # the parent and its two folds: the credentials did reach the server
     for r in runs:
         blob = json.dumps([r.data.params, r.data.tags, r.info.artifact_uri])
-        assert secret not in blob and "alice" not in blob, blob
+        assert SECRET not in blob and "alice" not in blob, blob
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "MLflow prints '🏃 View run ... at: http://alice:s3cret@...' on every set_terminated: the "
+    "credentials land in the stage's stdout, i.e. in terminal logs and DVC queue logs"))
+def test_tracking_credentials_never_reach_the_logs(credential_run):
+    proc = credential_run["proc"]
+    assert SECRET not in proc.stdout + proc.stderr
 
 
 # --- 3b. concurrency: two queued experiments, two workers ----------------------------------------
 
 
-def run_queue(repo: Path, values: list[float], extra: dict[str, str] | None = None) -> list[dict]:
-    """Queue one experiment per arcface.s value, run them with two workers, wait."""
-    for s in values:
+QUEUED_S = [3.0, 4.0]
+
+
+def start_queue(repo: Path, extra: dict[str, str] | None) -> None:
+    """Queue one experiment per arcface.s value and start two workers."""
+    for s in QUEUED_S:
         sh(["dvc", "exp", "run", "--queue", "-S", f"arcface.s={s}"], repo, extra=extra)
     sh(["dvc", "queue", "start", "-j", "2"], repo, extra=extra)
-    try:  # the workers stay up when the queue is empty: always stop them
-        deadline, out = time.time() + 900, ""
-        while time.time() < deadline:
-            time.sleep(3)
-            out = sh(["dvc", "queue", "status"], repo, extra=extra).stdout
-            rows = [line.split() for line in out.splitlines()[1:]]
-            rows = [r for r in rows if r and r[-1] in ("Queued", "Running", "Success", "Failed")]
-            if len(rows) == len(values) and all(r[-1] in ("Success", "Failed") for r in rows):
-                return rows
-        raise AssertionError(f"queue did not finish:\n{out}")
-    finally:
-        sh(["dvc", "queue", "stop"], repo, check=False, extra=extra, timeout=120)
 
 
-def _check_runs(runs: list, values: list[float]) -> dict[str, int]:
+def queue_rows(repo: Path, extra: dict[str, str] | None) -> list[list[str]]:
+    """`dvc queue status`: [task, name, ..., status] per experiment."""
+    out = sh(["dvc", "queue", "status"], repo, extra=extra).stdout
+    rows = [line.split() for line in out.splitlines()[1:]]
+    return [r for r in rows if r and r[-1] in ("Queued", "Running", "Success", "Failed")]
+
+
+def _finished(rows: list[list[str]]) -> bool:
+    return len(rows) == len(QUEUED_S) and all(r[-1] in ("Success", "Failed") for r in rows)
+
+
+def _check_runs(runs: list) -> dict[str, int]:
     parents = [r for r in runs if r.data.tags.get("level") == "row"]
     per_key = Counter((r.data.tags.get("dvc.exp_name"), r.data.tags["row"]) for r in parents)
-    assert all(per_key.values()) and set(per_key.values()) == {1}, per_key
-    assert len(per_key) == len(values)
+    assert set(per_key.values()) == {1}, per_key  # none duplicated
+    assert len(per_key) == len(QUEUED_S), per_key  # none lost
     assert all(name for name, _ in per_key), "a parent run has no dvc.exp_name tag"
-    assert sorted(float(r.data.params["arcface.s"]) for r in parents) == sorted(values)
-    assert all(r.info.status == "FINISHED" for r in parents)
+    assert sorted(float(r.data.params["arcface.s"]) for r in parents) == QUEUED_S
+    assert all(r.info.status == "FINISHED" for r in runs)
     for p in parents:
         kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
         assert sorted(r.data.tags["fold"] for r in kids) == ["0", "1"]
     return {"parents": len(parents), "children": len(runs) - len(parents)}
 
 
-QUEUED_S = [3.0, 4.0]
-
-
-def _queue_case(base: Path, repo: Path, extra: dict[str, str] | None, uri: str) -> dict:
-    clone(base, repo)  # no mlruns/: the workers race to create the local store
-    t0 = time.time()
-    rows = run_queue(repo, QUEUED_S, extra)
-    logs = {r[0]: sh(["dvc", "queue", "logs", r[0]], repo, check=False, extra=extra).stdout
-            for r in rows if r[-1] != "Success"}
-    names = sh(["dvc", "exp", "list", "--name-only"], repo, extra=extra).stdout.split()
-    return {"repo": repo, "rows": rows, "logs": logs, "exp_names": names,
-            "runs": mlflow_runs(uri), "seconds": time.time() - t0}
+@pytest.fixture(scope="module")
+def queues(base, server, tmp_path_factory) -> dict[str, dict]:
+    """Both cases at once: two experiments on two workers logging to the local store (no
+    mlruns/ yet: the workers race to create it) and two more logging to the server (through
+    a URI with credentials)."""
+    top = tmp_path_factory.mktemp("queues")
+    cases = {"local": (clone(base, top / "local"), None, None),
+             "server": (clone(base, top / "server"),
+                        {"MLFLOW_TRACKING_URI": with_credentials(server.uri)}, server.uri)}
+    cases["local"] = (cases["local"][0], None, local_uri(cases["local"][0]))
+    t0, results = time.time(), {}
+    try:
+        for repo, extra, _ in cases.values():
+            start_queue(repo, extra)
+        pending = dict(cases)
+        deadline = time.time() + 1200
+        while pending and time.time() < deadline:
+            time.sleep(3)
+            for key, (repo, extra, _) in list(pending.items()):
+                rows = queue_rows(repo, extra)
+                if _finished(rows):
+                    results[key] = {"rows": rows, "seconds": time.time() - t0}
+                    del pending[key]
+    finally:  # the workers stay up when the queue is empty: always stop them
+        for repo, extra, _ in cases.values():
+            sh(["dvc", "queue", "stop"], repo, check=False, extra=extra, timeout=120)
+    for key, (repo, extra, uri) in cases.items():
+        r = results.setdefault(key, {"rows": queue_rows(repo, extra), "seconds": None})
+        r |= {"repo": repo, "uri": uri}
+        r["logs"] = {row[1]: sh(["dvc", "queue", "logs", row[0]], repo, check=False,
+                                extra=extra).stdout[-4000:]
+                     for row in r["rows"] if row[-1] != "Success"}
+        r["exp_names"] = sh(["dvc", "exp", "list", "--name-only"], repo, extra=extra).stdout.split()
+        try:
+            r["runs"] = mlflow_runs(uri)
+        except Exception as exc:  # e.g. a store left half-created by the race
+            r["runs"], r["logs"]["mlflow"] = [], repr(exc)
+    return results
 
 
 def _assert_queue_accounted(q: dict) -> None:
     """Both experiments succeeded; DVC and MLflow each hold every one of them exactly once."""
-    failed = {r[1]: q["logs"][r[0]][-3000:] for r in q["rows"] if r[-1] != "Success"}
-    assert not failed, failed
+    assert _finished(q["rows"]), q["rows"]
+    failed = [r for r in q["rows"] if r[-1] != "Success"]
+    assert not failed, q["logs"]
     assert sorted(q["exp_names"]) == sorted(r[1] for r in q["rows"])
-    counts = _check_runs(q["runs"], QUEUED_S)
-    assert len(q["runs"]) == 6  # 2 experiments x (1 row + 2 folds)
+    counts = _check_runs(q["runs"])
     assert {r.data.tags["dvc.exp_name"] for r in q["runs"]} == set(q["exp_names"])
-    print(f"queue: {len(QUEUED_S)} experiments on 2 workers in {q['seconds']:.0f} s: {counts}")
-
-
-@pytest.fixture(scope="module")
-def queued_local(base, tmp_path_factory) -> dict:
-    repo = tmp_path_factory.mktemp("queue-local") / "q"
-    return _queue_case(base, repo, None, local_uri(repo))
-
-
-@pytest.fixture(scope="module")
-def queued_server(base, server, tmp_path_factory) -> dict:
-    repo = tmp_path_factory.mktemp("queue-server") / "q"
-    return _queue_case(base, repo, {"MLFLOW_TRACKING_URI": server.uri}, server.uri)
+    print(f"queue: {len(QUEUED_S)} experiments on 2 workers, {q['seconds']:.0f} s, {counts}")
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=(
-    "timing-dependent: tracking.store_lock is a no-op (see test_local_store_lock_is_held), so the "
-    "two workers may create the SQLite tables at once: 'table ... already exists' fails one "
-    "evaluate stage"))
-def test_two_queued_experiments_log_every_run_once_to_the_local_store(queued_local):
-    _assert_queue_accounted(queued_local)
+    "timing-dependent: tracking.store_lock is a no-op (see test_local_store_lock_is_held), so "
+    "two workers may create the SQLite tables at once ('table ... already exists', 'Online "
+    "migration expected to match one row'): the evaluate stage fails and the run is lost"))
+def test_two_queued_experiments_log_every_run_once_to_the_local_store(queues):
+    _assert_queue_accounted(queues["local"])
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
     "the experiment gets MLflow's default artifact root, ./mlruns of the queue's temporary "
     "workspace, which DVC deletes after the experiment (see test_local_store_lock_is_held)"))
-def test_queued_runs_keep_their_artifacts_in_the_local_store(queued_local):
-    runs = queued_local["runs"]
-    assert runs
-    for r in runs:
+def test_queued_runs_keep_their_artifacts_in_the_local_store(queues):
+    q = queues["local"]
+    assert q["runs"]
+    for r in q["runs"]:
         path = Path(r.info.artifact_uri.removeprefix("file://"))
-        assert path.is_relative_to(queued_local["repo"] / "mlruns"), r.info.artifact_uri
+        assert path.is_relative_to(q["repo"] / "mlruns"), r.info.artifact_uri
         assert path.is_dir() and any(path.iterdir()), r.info.artifact_uri
 
 
 @pytest.mark.slow
-def test_two_queued_experiments_log_every_run_once_to_a_server(queued_server, server):
+def test_two_queued_experiments_log_every_run_once_to_a_server(queues, server):
     from mlflow.tracking import MlflowClient
 
-    _assert_queue_accounted(queued_server)
-    assert not (queued_server["repo"] / "mlruns").exists()  # nothing went to a local store
+    q = queues["server"]
+    _assert_queue_accounted(q)
+    assert len(q["runs"]) == 6  # 2 experiments x (1 row + 2 folds)
+    assert not (q["repo"] / "mlruns").exists()  # nothing went to a local store
     client = MlflowClient(server.uri)
-    for r in queued_server["runs"]:
+    for r in q["runs"]:
         assert client.list_artifacts(r.info.run_id), r.info.run_name
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "MLflow's '🏃 View run ... at: http://alice:s3cret@...' lines are kept by DVC in the "
+    "queue's log files under .dvc/tmp/exps/"))
+def test_queued_experiments_write_no_credentials(queues):
+    leaks = leaked_files(queues["server"]["repo"])
+    assert not leaks, leaks

@@ -94,8 +94,7 @@ def write_tables(frame: pd.DataFrame, corpus: str, stem: Any) -> None:
     """`stem`.md, .csv and .json, byte-identical for identical inputs."""
     stem.with_suffix(".md").write_text(markdown(frame, corpus), encoding="utf-8", newline="\n")
     frame.to_csv(stem.with_suffix(".csv"), index=False, lineterminator="\n")
-    records = {
-        f"{r['table']}/{r['row']}": {k: r[k] for k in JSON_COLUMNS}
-        for r in json.loads(frame.to_json(orient="records"))
-    }
+    records: dict[str, dict[str, Any]] = {}
+    for r in json.loads(frame.to_json(orient="records")):
+        records.setdefault(r["table"], {})[r["row"]] = {k: r[k] for k in JSON_COLUMNS}
     stem.with_suffix(".json").write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
