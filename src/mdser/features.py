@@ -91,7 +91,8 @@ def build_feature_store(audio_store: Path, out: Path, features: dict[str, Any]) 
         (samples[int(r.sample_offset) : int(r.sample_offset) + int(r.n_samples)], sample_rate, features)
         for r in index.itertuples()
     )
-    for r, x in zip(index.itertuples(), parallel_map(_featurize_one, jobs), strict=True):
+    warm_up = (np.zeros(sample_rate, np.float32), sample_rate, features)
+    for r, x in zip(index.itertuples(), parallel_map(_featurize_one, jobs, warm_up=warm_up), strict=True):
         store[int(r.offset) : int(r.offset) + int(r.frames)] = x
     store.flush()
     del store

@@ -93,13 +93,27 @@ def utterance(frames: np.ndarray, row: Any) -> np.ndarray:
     return frames[int(row.offset) : int(row.offset) + int(row.frames)]
 
 
-def parallel_map(fn: Any, jobs: Iterable[Any], workers: int | None = None) -> Iterator[Any]:
-    """Ordered map over worker processes (one per core); plain map for one core."""
+def _one_thread_per_worker() -> None:
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)  # the workers already use every core; nested BLAS threads only fight
+
+
+def parallel_map(
+    fn: Any, jobs: Iterable[Any], workers: int | None = None, warm_up: Any = None
+) -> Iterator[Any]:
+    """Ordered map over worker processes (one per core); plain map for one core.
+
+    `warm_up`, a job run once in this process first, pays one-off costs (librosa's
+    JIT compilation) before the workers are forked, so each does not pay them again.
+    """
     workers = workers or os.cpu_count() or 1
+    if warm_up is not None:
+        fn(warm_up)
     if workers == 1:
         yield from map(fn, jobs)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_one_thread_per_worker) as pool:
         yield from pool.map(fn, jobs, chunksize=4)
 
 

@@ -235,6 +235,7 @@ def fit_fold(
         optimizer = keras.optimizers.Adam(_clr_schedule(steps, train["lr_min"], train["lr_max"]))
         if train["mixed_precision"]:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(model.trainable_variables)  # else the first step is traced twice
     loss_fn = per_sample_loss(model_params["head"], heads["arcface"], heads["softmax"])
     n_mels = frames.shape[1]
     spec = [
