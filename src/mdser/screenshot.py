@@ -54,7 +54,7 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.5)
-        url = (f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}"
+        url = (f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs"
                "?searchFilter=tags.level%20%3D%20%22row%22&isComparingRuns=false")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(

@@ -76,7 +76,10 @@ def experiment_id(mlflow_client: Any, name: str, root: Path | None = None) -> st
     location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         location = (local_store(root) / "artifacts" / name).as_uri()
-    return mlflow_client.create_experiment(name, artifact_location=location)
+    # "custom_model_development" makes the UI open on the runs table, not the GenAI overview
+    return mlflow_client.create_experiment(
+        name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
+    )
 
 
 def environment_tags(stage: str, inputs_hash: str) -> dict[str, str]:
