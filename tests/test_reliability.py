@@ -430,9 +430,6 @@ def test_bad_parameters_stop_every_stage_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "train.folds is compared with the number of speakers only by the train stage, "
-    "after download/resample/featurize/split have written data/ (fix: params.py cross-check)"))
 def test_more_folds_than_speakers_is_refused_before_any_work(tmp_path):
     repo = fresh_repo(tmp_path / "r")
     edit_params(repo, lambda p: p["train"].update(folds=50))
@@ -464,10 +461,6 @@ LOCK_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mlflow.set_tracking_uri() (in tracking.client) sets os.environ['MLFLOW_TRACKING_URI'], and "
-    "tracking.store_lock / experiment_id read that variable to mean 'a server': afterwards the "
-    "local store is never locked and experiments get no artifact location under mlruns/"))
 def test_local_store_lock_is_held(tmp_path):
     proc = subprocess.run([sys.executable, "-c", LOCK_SCRIPT, str(tmp_path)], env=env_for(ROOT),
                           capture_output=True, text=True, timeout=300)
@@ -598,9 +591,6 @@ def test_killed_mlflow_logging_leaves_one_finished_run_per_row(interrupted):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "a SIGKILL during tracking.log_row leaves its parent run (and a child) RUNNING forever; "
-    "the rerun does not close them"))
 def test_killed_mlflow_logging_leaves_no_dangling_run(interrupted):
     if not interrupted["running_after_kill"]:
         pytest.skip("the SIGKILL came after log_row had finished: nothing left RUNNING to resolve")
@@ -698,9 +688,6 @@ def test_a_damaged_feature_store_is_refused_by_train(base, tmp_path):
     assert not (repo / "models" / ROW).exists() and not partials(repo)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "stores.open_features only compares the total frame count with the data; an index whose "
-    "frames/offsets were changed without changing the total is accepted"))
 def test_a_feature_index_with_shuffled_frame_counts_is_refused(base, tmp_path):
     from mdser.errors import UserError
     from mdser.stores import open_features
@@ -755,9 +742,6 @@ def test_tracking_credentials_are_never_written_to_files_or_mlflow(credential_ru
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "MLflow prints '🏃 View run ... at: http://alice:s3cret@...' on every set_terminated: the "
-    "credentials land in the stage's stdout, i.e. in terminal logs and DVC queue logs"))
 def test_tracking_credentials_never_reach_the_logs(credential_run):
     proc = credential_run["proc"]
     assert SECRET not in proc.stdout + proc.stderr
@@ -855,18 +839,11 @@ def _assert_queue_accounted(q: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "timing-dependent: tracking.store_lock is a no-op (see test_local_store_lock_is_held), so "
-    "two workers may create the SQLite tables at once ('table ... already exists', 'Online "
-    "migration expected to match one row'): the evaluate stage fails and the run is lost"))
 def test_two_queued_experiments_log_every_run_once_to_the_local_store(queues):
     _assert_queue_accounted(queues["local"])
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "the experiment gets MLflow's default artifact root, ./mlruns of the queue's temporary "
-    "workspace, which DVC deletes after the experiment (see test_local_store_lock_is_held)"))
 def test_queued_runs_keep_their_artifacts_in_the_local_store(queues):
     q = queues["local"]
     assert q["runs"]
@@ -890,9 +867,6 @@ def test_two_queued_experiments_log_every_run_once_to_a_server(queues, server):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "MLflow's '🏃 View run ... at: http://alice:s3cret@...' lines are kept by DVC in the "
-    "queue's log files under .dvc/tmp/exps/"))
 def test_queued_experiments_write_no_credentials(queues):
     leaks = leaked_files(queues["server"]["repo"])
     assert not leaks, leaks

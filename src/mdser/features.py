@@ -16,6 +16,7 @@ from mdser.stores import (
     open_audio,
     parallel_map,
     read_meta,
+    sha256_file,
     write_index,
     write_meta,
 )
@@ -98,6 +99,6 @@ def build_feature_store(audio_store: Path, out: Path, features: dict[str, Any]) 
     del store
     columns = ["utt_id", "speaker", "emotion", "offset", "frames"]
     write_index(index[columns], out / INDEX_FILE)
-    meta = read_meta(audio_store) | {"features": features}
+    meta = read_meta(audio_store) | {"features": features, "index_sha256": sha256_file(out / INDEX_FILE)}
     write_meta(out, meta)
     return index[columns]

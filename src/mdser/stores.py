@@ -80,6 +80,12 @@ def open_features(store: Path) -> tuple[pd.DataFrame, np.ndarray]:
     index = read_index(store)
     frames = np.load(store / FEATURES_FILE, mmap_mode="r", allow_pickle=False)
     expected = int(index["frames"].sum())
+    recorded = read_meta(store).get("index_sha256")
+    if recorded and sha256_file(store / INDEX_FILE) != recorded:
+        raise UserError(
+            f"{store / INDEX_FILE}: changed since the feature store was built (its checksum in "
+            f"{store / META_FILE} differs); rebuild the features with `dvc repro featurize`"
+        )
     if frames.shape[0] != expected:
         raise UserError(
             f"{store / FEATURES_FILE}: {frames.shape[0]} frames, but {store / INDEX_FILE} "

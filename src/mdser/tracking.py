@@ -59,14 +59,17 @@ def store_lock(root: Path | None = None) -> Iterator[None]:
 
 
 def client(root: Path | None = None) -> Any:
-    """An MlflowClient on the tracking URI; creates the local database if needed."""
-    import mlflow
+    """An MlflowClient on the tracking URI; creates the local database if needed.
+
+    `mlflow.set_tracking_uri` is not called: it would write MLFLOW_TRACKING_URI into
+    the environment, which here means "a shared server". MLflow's "View run at
+    <url>" lines are switched off, since a server URL may carry credentials.
+    """
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(root)
-    mlflow.set_tracking_uri(uri)
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     with store_lock(root):
-        return MlflowClient(uri)
+        return MlflowClient(tracking_uri(root))
 
 
 def experiment_id(mlflow_client: Any, name: str, root: Path | None = None) -> str:
@@ -119,6 +122,7 @@ def log_row(
     now = int(time.time() * 1000)
     with store_lock():
         exp = experiment_id(c, experiment)
+        close_dangling_runs(c, exp, row)
         parent = c.create_run(exp, run_name=row, tags=tags | {"row": row, "corpus": corpus, "level": "row"})
         pid = parent.info.run_id
         metrics = {k: summary[k] for k in SUMMARY_METRICS if k != "n_folds"}
@@ -152,6 +156,17 @@ def log_row(
             c.set_terminated(cid)
         c.set_terminated(pid)
     return pid
+
+
+def close_dangling_runs(mlflow_client: Any, exp: str, row: str) -> None:
+    """Mark runs of `row` left RUNNING by a killed stage as KILLED (local store only:
+    under its lock no live writer can be mid-run; a shared server may have one)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return
+    for run in mlflow_client.search_runs(
+        [exp], f"tags.row = '{row}' and attributes.status = 'RUNNING'", max_results=5000
+    ):
+        mlflow_client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def log_failure(corpus: str, row: str, fold: int, message: str, experiment: str) -> None:
