@@ -608,9 +608,9 @@ def test_more_folds_than_speakers_is_a_clear_error_of_train(base, tmp_path):
     edit_params(repo, lambda p: p["train"].update(folds=50))
     proc = sh(["dvc", "repro", "-s", f"train@{ROW}"], repo, check=False)
     assert proc.returncode != 0
-    errors = error_lines(proc.stderr)
-    assert len(errors) == 1 and "train.folds = 50" in errors[0], proc.stderr
-    assert "10 folds" in errors[0]
+    # refused by the params schema when the stage starts (train's own check is the backstop)
+    assert len(error_lines(proc.stderr)) == 1, proc.stderr
+    assert "train.folds = 50" in proc.stderr and "at most 10" in proc.stderr, proc.stderr
     assert TRACEBACK not in proc.stderr
     assert not (repo / "models" / ROW).exists() and not partials(repo)
 
@@ -683,7 +683,8 @@ def test_a_damaged_feature_store_is_refused_by_train(base, tmp_path):
     proc = sh(["dvc", "repro", "-s", f"train@{ROW}"], repo, check=False)
     assert proc.returncode != 0
     errors = error_lines(proc.stderr)
-    assert len(errors) == 1 and "features" in errors[0] and "damaged" in errors[0], proc.stderr
+    assert len(errors) == 1, proc.stderr  # names the store's file and how to rebuild it
+    assert "data/features/" in errors[0] and "dvc repro featurize" in errors[0], errors
     assert TRACEBACK not in proc.stderr
     assert not (repo / "models" / ROW).exists() and not partials(repo)
 

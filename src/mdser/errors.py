@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ class UserError(Exception):
 
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's main(); a UserError becomes one line on stderr and exit status 2."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # let partial outputs be cleaned up
     try:
         main()
     except UserError as exc:

@@ -178,6 +178,12 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
+        speakers = self.data.synth.speakers if self.data.corpus == "synth" else 10  # EMODB, IEMOCAP
+        if self.train.folds > speakers:
+            raise ValueError(
+                f"train.folds = {self.train.folds}: at most {speakers}, one fold per speaker of "
+                f"data.corpus {self.data.corpus!r}"
+            )
         freq = self.features.n_mels // 2  # the map SPP sees: n_mels halved by the first pooling
         for name, row in {"model": self.model, **self.ablation.rows}.items():
             levels = row.spp_levels or self.model.spp_levels
