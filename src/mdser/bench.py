@@ -90,16 +90,9 @@ def machine_info() -> dict[str, Any]:
     import psutil
     import tensorflow as tf
 
-    from mdser.training import device_name
+    from mdser.training import cpu_model, device_name
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     gpus = tf.config.list_physical_devices("GPU")
     gpu = "none"
     if gpus:

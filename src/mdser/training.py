@@ -146,9 +146,20 @@ def configure(train: dict[str, Any]) -> Any:
     return tf.distribute.get_strategy()
 
 
+def cpu_model() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name() -> str:
     import os
-    import platform
 
     import tensorflow as tf
 
@@ -156,15 +167,7 @@ def device_name() -> str:
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
         return f"{len(gpus)}x GPU {details.get('device_name', gpus[0].name)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu} ({os.cpu_count()} cores)"
+    return f"CPU {cpu_model()} ({os.cpu_count()} cores)"
 
 
 class Predictor:
