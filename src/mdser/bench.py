@@ -178,48 +178,6 @@ def model_flops(model: Any) -> dict[str, float]:
     }
 
 
-# ----------------------------------------------------------------------------- library probe
-
-
-def spp_static_shape_probe(n_mels: int) -> str | None:
-    """Whether a dilated-conv + SPP model traces with an unknown time axis.
-
-    TensorFlow runs a dilated Conv2D through SpaceToBatchND/BatchToSpaceND, which drops
-    the static frequency size; `SpatialPyramidPooling.call` reads ``x.shape[1]`` and then
-    fails inside `tf.function` (so `fit_fold` and `Predictor` fail for dilated/mdcb + SPP).
-    If the probe fails, the benchmark restores the static shape in front of the SPP layer
-    (`tf.ensure_shape`, no computation) for this process only and says so in the results.
-    Returns a description of the workaround applied, or None when none was needed.
-    """
-    import tensorflow as tf
-
-    from mdser.model import build_model
-    from mdser.model import layers as mlayers
-
-    probe = {"filters": 2, "conv": "mdcb", "merge": "sum", "pooling": "spp", "spp_levels": [1, 2],
-             "attention": False, "attention_units": 2, "fc_units": 2, "head": "softmax"}
-    model = build_model(probe, 2, n_mels=n_mels)
-    spec = [tf.TensorSpec((None, n_mels, None, 3), tf.float32), tf.TensorSpec((None,), tf.int32)]
-    fn = tf.function(lambda x, n: model({"features": x, "lengths": n}), input_signature=spec)
-    try:
-        fn.get_concrete_function()
-        return None
-    except TypeError:
-        pass
-    original = mlayers.SpatialPyramidPooling.call
-    n_freq = n_mels // 2  # after the initial 2x2 pooling; every later conv is 'same'
-
-    def call(self: Any, x: Any, lengths: Any) -> Any:
-        if x.shape[1] is None:
-            x = tf.ensure_shape(x, (None, n_freq, None, x.shape[3]))
-        return original(self, x, lengths)
-
-    mlayers.SpatialPyramidPooling.call = call
-    return ("SpatialPyramidPooling.call: static frequency size lost after dilated Conv2D "
-            "(SpaceToBatchND) inside tf.function -> TypeError in adaptive_bins; the benchmark "
-            f"restored it with tf.ensure_shape(x, (None, {n_freq}, None, C)) in this process")
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -243,47 +201,15 @@ def synthetic_store(lengths: np.ndarray, n_mels: int, n_classes: int, rng: np.ra
 
 
 class Trainer:
-    """A model and a train step built as in `mdser.training.fit_fold`."""
+    """The library's `RowTrainer` (the model and traced step of `fit_fold`), timed."""
 
     def __init__(self, model_params: dict[str, Any], train: dict[str, Any],
-                 heads: dict[str, Any], n_classes: int, n_mels: int, steps_per_cycle: int = 10,
-                 prebuild_optimizer: bool = False):
-        import keras
-        import tensorflow as tf
+                 heads: dict[str, Any], n_classes: int, n_mels: int, steps_per_cycle: int = 10):
+        from mdser.training import RowTrainer
 
-        from mdser.model import build_model, per_sample_loss
-        from mdser.training import _clr_schedule, configure
-
-        self.train = train
-        strategy = configure(train)
-        keras.utils.set_random_seed(train["seed"])
-        with strategy.scope():
-            self.model = build_model(model_params, n_classes, n_mels=n_mels)
-            optimizer = keras.optimizers.Adam(
-                _clr_schedule(steps_per_cycle, train["lr_min"], train["lr_max"]))
-            if train["mixed_precision"]:
-                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-            if prebuild_optimizer:  # not in fit_fold: its first call traces twice
-                optimizer.build(self.model.trainable_variables)
-        loss_fn = per_sample_loss(model_params["head"], heads["arcface"], heads["softmax"])
-        model = self.model
-        spec = [
-            tf.TensorSpec((None, n_mels, None, 3), tf.float32), tf.TensorSpec((None,), tf.int32),
-            tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None,), tf.float32),
-        ]
-        mixed = train["mixed_precision"]
-
-        @tf.function(input_signature=spec, jit_compile=train["xla"], reduce_retracing=True)
-        def train_step(x: Any, lengths: Any, y: Any, w: Any) -> Any:
-            with tf.GradientTape() as tape:
-                out = model({"features": x, "lengths": lengths}, training=True)
-                loss = tf.reduce_mean(loss_fn(y, out) * w)
-                scaled = optimizer.scale_loss(loss) if mixed else loss
-            grads = tape.gradient(scaled, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-            return loss
-
-        self.step = train_step
+        self.row = RowTrainer(model_params, train, heads, n_classes, n_mels)
+        self.row.start_fold(train["seed"], steps_per_cycle)
+        self.model, self.step = self.row.model, self.row.train_step
         self.flops = model_flops(self.model)
         self.head = model_params["head"]
 
@@ -413,7 +339,7 @@ def batch_budget_sweep(model_params: dict[str, Any], params: dict[str, Any], n_u
 
 def trace_cost(model_params: dict[str, Any], params: dict[str, Any], n_classes: int = 4
                ) -> dict[str, Any]:
-    """First-step (trace) time as `fit_fold` does it, and with the optimizer built first."""
+    """First-step time of a row's first fold (traces) and of its next fold (reuses the trace)."""
     from mdser.training import pad_batch
 
     rng = np.random.default_rng(0)
@@ -422,17 +348,14 @@ def trace_cost(model_params: dict[str, Any], params: dict[str, Any], n_classes: 
     x, n = pad_batch(frames, rows, np.zeros(3, np.float32), np.ones(3, np.float32))
     y, w = labels.astype(np.int32), np.ones(len(labels), np.float32)
     heads = {"arcface": params["arcface"], "softmax": params["softmax"]}
+    trainer = Trainer(model_params, params["train"], heads, n_classes, x.shape[1])
     out = {}
-    for key, prebuild in (("as_fit_fold", False), ("optimizer_prebuilt", True)):
-        trainer = Trainer(model_params, params["train"], heads, n_classes, x.shape[1],
-                          prebuild_optimizer=prebuild)
+    for key in ("first_fold", "next_fold"):
         t0 = time.perf_counter()
         float(trainer.step(x, n, y, w))
-        first = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        float(trainer.step(x, n, y, w))
-        out[key] = {"first_step_s": first, "second_step_s": time.perf_counter() - t0,
+        out[key] = {"first_step_s": time.perf_counter() - t0,
                     "tracings": int(trainer.step.experimental_get_tracing_count())}
+        trainer.row.start_fold(params["train"]["seed"] + 1, 10)
     return out
 
 
@@ -987,11 +910,11 @@ def write_report(r: dict[str, Any], path: Path) -> None:
                              f"{100 * v['padding_overhead']:.1f} % |")
         tc = r.get("trace_cost")
         if tc:
-            a, b = tc["as_fit_fold"], tc["optimizer_prebuilt"]
-            lines += ["", f"Trace cost (default profile, paid per fold by `fit_fold`): first step "
-                      f"{a['first_step_s']:.1f} s with {a['tracings']} tracings as `fit_fold` "
-                      f"builds it; {b['first_step_s']:.1f} s with {b['tracings']} tracing when "
-                      "the optimizer is built before the first step (`optimizer.build`)."]
+            a, b = tc["first_fold"], tc["next_fold"]
+            lines += ["", f"Trace cost (default profile, paid once per row by `RowTrainer`): first "
+                      f"step of the first fold {a['first_step_s']:.1f} s ({a['tracings']} tracing); "
+                      f"first step of the next fold {b['first_step_s']:.2f} s "
+                      f"({b['tracings']} tracing in all)."]
     fe = r.get("features")
     if fe:
         lines += [
@@ -1166,10 +1089,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": TARGETS, "sizes": size,
     }
     results["machine"] = machine_info()
-    workaround = spp_static_shape_probe(params["features"]["n_mels"])
-    results["library_workarounds"] = [workaround] if workaround else []
-    if workaround:
-        log(f"library workaround: {workaround}")
     log(f"machine: {results['machine']['device']}, TF {results['machine']['tensorflow']}")
     results["matmul_peak"] = matmul_peak(size["matmul_n"], size["matmul_repeats"])
     log(f"matmul peak {results['matmul_peak']['flops'] / 1e9:.1f} GFLOP/s")

@@ -72,14 +72,14 @@ def test_predictions(
     configure(params["train"])
     index, frames = open_features(feature_store)
     classes = folds_doc["classes"]
+    model = build_model(model_params, len(classes), n_mels=frames.shape[1])
+    predict = Predictor(model, model_params["head"], params["arcface"])  # traced once, all folds
     parts = []
     for fold in folds_doc["folds"][: params["train"]["folds"]]:
         fold_dir = models_dir / f"fold_{fold['fold']}"
         stats = json.loads((fold_dir / "fold.json").read_text())
-        model = build_model(model_params, len(classes), n_mels=frames.shape[1])
         model.load_weights(fold_dir / "model.weights.h5")
         test = fold_members(index, fold)["test"].reset_index(drop=True)
-        predict = Predictor(model, model_params["head"], params["arcface"])
         mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
         probs = predict(frames, test, mean, std, params["train"]["batch_frames"])
         part = pd.DataFrame({

@@ -48,7 +48,8 @@ def cyclical_lr(step: Any, stepsize: float, lr_min: float, lr_max: float) -> Any
     return lr_min + (lr_max - lr_min) * ops.maximum(0.0, 1.0 - x)  # Eq. 16
 
 
-def _clr_schedule(stepsize: int, lr_min: float, lr_max: float) -> Any:
+def _clr_schedule(stepsize: Any, lr_min: float, lr_max: float) -> Any:
+    """Eq. 16-19 as a Keras schedule; `stepsize` may be a variable (set per fold)."""
     import keras
 
     class CyclicalLearningRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -56,7 +57,7 @@ def _clr_schedule(stepsize: int, lr_min: float, lr_max: float) -> Any:
             return cyclical_lr(step, stepsize, lr_min, lr_max)
 
         def get_config(self) -> dict[str, Any]:
-            return {"stepsize": stepsize, "lr_min": lr_min, "lr_max": lr_max}
+            return {"stepsize": float(stepsize), "lr_min": lr_min, "lr_max": lr_max}
 
     return CyclicalLearningRate()
 
@@ -131,10 +132,11 @@ def batches(
 
 
 def configure(train: dict[str, Any]) -> Any:
-    """Op determinism, the precision policy, and the (single-device) strategy.
+    """Op determinism, the precision policy, and the distribution strategy.
 
-    Training runs on the first GPU when there is one, else on the CPU. Data
-    parallelism over several GPUs is not implemented yet.
+    Several GPUs: `tf.distribute.MirroredStrategy` over all of them (data parallel,
+    `train.batch_frames` is the global batch). Otherwise the default strategy: the
+    first GPU when there is one, else the CPU.
     """
     import keras
     import tensorflow as tf
@@ -143,6 +145,9 @@ def configure(train: dict[str, Any]) -> Any:
     keras.mixed_precision.set_global_policy(
         "mixed_float16" if train["mixed_precision"] else "float32"
     )
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy([g.name for g in gpus])
     return tf.distribute.get_strategy()
 
 
@@ -201,6 +206,105 @@ class Predictor:
         return out
 
 
+class RowTrainer:
+    """The model, optimizer and traced train and predict functions of one ablation row.
+
+    Built and traced once; `start_fold` re-initialises the weights (as a model built
+    with the fold's seed) and the optimizer, so later folds pay no tracing.
+    """
+
+    def __init__(
+        self, model_params: dict[str, Any], train: dict[str, Any], heads: dict[str, Any],
+        n_classes: int, n_mels: int, strategy: Any = None,
+    ):
+        import keras
+        import tensorflow as tf
+
+        from mdser.model import build_model, per_sample_loss
+
+        self.build = lambda: build_model(model_params, n_classes, n_mels=n_mels)
+        self.train = train
+        default = configure(train)
+        self.strategy = strategy = strategy or default
+        with strategy.scope():
+            self.stepsize = tf.Variable(1.0, trainable=False, name="clr_stepsize")  # set per fold
+            self.model = self.build()
+            optimizer = keras.optimizers.Adam(_clr_schedule(self.stepsize, train["lr_min"], train["lr_max"]))
+            if train["mixed_precision"]:
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            optimizer.build(self.model.trainable_variables)  # else the first step is traced twice
+        self.optimizer = optimizer
+        self.initial_optimizer = [v.numpy() for v in optimizer.variables]
+        loss_fn = per_sample_loss(model_params["head"], heads["arcface"], heads["softmax"])
+        model, variables = self.model, self.model.trainable_variables
+
+        def replica_step(x: Any, lengths: Any, y: Any, w: Any, count: Any) -> Any:
+            """Weighted loss summed over this replica's utterances / the global batch size."""
+            with tf.GradientTape() as tape:
+                out = model({"features": x, "lengths": lengths}, training=True)
+                loss = tf.reduce_sum(loss_fn(y, out) * w) / count
+                scaled = optimizer.scale_loss(loss) if train["mixed_precision"] else loss
+            grads = tape.gradient(scaled, variables)
+            optimizer.apply_gradients(zip(grads, variables, strict=True))  # all-reduced (sum)
+            return loss
+
+        spec = [
+            tf.TensorSpec((None, n_mels, None, 3), tf.float32), tf.TensorSpec((None,), tf.int32),
+            tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None,), tf.float32),
+        ]
+        self.replicas = strategy.num_replicas_in_sync
+        if self.replicas == 1:
+            @tf.function(input_signature=spec, jit_compile=train["xla"], reduce_retracing=True)
+            def train_step(x: Any, lengths: Any, y: Any, w: Any) -> Any:
+                return replica_step(x, lengths, y, w, tf.cast(tf.size(y), tf.float32))
+
+            self.train_step = train_step
+        else:
+            @tf.function(jit_compile=train["xla"], reduce_retracing=True)
+            def mirrored_step(x: Any, lengths: Any, y: Any, w: Any, count: Any) -> Any:
+                losses = strategy.run(replica_step, args=(x, lengths, y, w, count))
+                return strategy.reduce("SUM", losses, axis=None)
+
+            self.train_step = lambda *batch: mirrored_step(*self.shard(*batch))
+        self.predict = Predictor(model, model_params["head"], heads["arcface"])
+
+    def shard(self, x: np.ndarray, lengths: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple:
+        """Split a batch into one equal part per replica; the padding copies weigh 0."""
+        n, size = self.replicas, -(-len(y) // self.replicas)
+        pad = np.zeros(n * size - len(y), np.int64)  # copies of the first utterance
+        parts = [np.concatenate([a, a[pad]]) for a in (x, lengths, y)]
+        parts.append(np.concatenate([w, np.zeros(pad.size, w.dtype)]))
+        import tensorflow as tf
+
+        def per_replica(a: np.ndarray) -> Any:
+            def part(ctx: Any) -> np.ndarray:
+                i = ctx.replica_id_in_sync_group
+                return a[i * size : (i + 1) * size]
+
+            return self.strategy.experimental_distribute_values_from_function(part)
+
+        return (*map(per_replica, parts), tf.constant(len(y), tf.float32))
+
+    def start_fold(self, seed: int, steps_per_epoch: int) -> None:
+        """Fresh weights exactly as `build_model` after `set_random_seed(seed)`; fresh Adam state."""
+        import keras
+
+        keras.utils.set_random_seed(seed)
+        self.model.set_weights(self.build().get_weights())
+        self.set_state({"optimizer": self.initial_optimizer})
+        self.stepsize.assign(float(steps_per_epoch))
+
+    def state(self) -> dict[str, list[np.ndarray]]:
+        return {"weights": self.model.get_weights(),
+                "optimizer": [v.numpy() for v in self.optimizer.variables]}
+
+    def set_state(self, state: dict[str, list[np.ndarray]]) -> None:
+        if "weights" in state:
+            self.model.set_weights(state["weights"])
+        for variable, value in zip(self.optimizer.variables, state["optimizer"], strict=True):
+            variable.assign(value)
+
+
 class TrainingDiverged(UserError):
     """A NaN or infinite loss: names the row, fold and epoch."""
 
@@ -209,61 +313,64 @@ class TrainingDiverged(UserError):
         self.fold = fold
 
 
+def save_epoch(path: Path, progress: dict[str, Any], state: dict[str, list[np.ndarray]],
+               best_weights: list[np.ndarray]) -> None:
+    """Write the state after an epoch atomically (temporary name, then rename)."""
+    arrays = {"progress": np.asarray(json.dumps(progress, sort_keys=True))}
+    arrays |= {f"weights_{i}": w for i, w in enumerate(state["weights"])}
+    arrays |= {f"optimizer_{i}": v for i, v in enumerate(state["optimizer"])}
+    arrays |= {f"best_{i}": w for i, w in enumerate(best_weights)}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)
+
+
+def load_epoch(path: Path) -> tuple[dict[str, Any], dict[str, list[np.ndarray]], list[np.ndarray]]:
+    with np.load(path, allow_pickle=False) as z:
+        def listed(prefix: str) -> list[np.ndarray]:
+            n = sum(1 for k in z.files if k.startswith(prefix))
+            return [z[f"{prefix}{i}"] for i in range(n)]
+
+        progress = json.loads(str(z["progress"]))
+        return progress, {"weights": listed("weights_"), "optimizer": listed("optimizer_")}, listed("best_")
+
+
 def fit_fold(
-    model_params: dict[str, Any], train: dict[str, Any], heads: dict[str, Any],
-    frames: np.ndarray, members: dict[str, pd.DataFrame], labels: dict[str, np.ndarray],
-    n_classes: int, fold: int, row: str = "",
-) -> tuple[Any, list[dict[str, float]], dict[str, Any]]:
-    """Train one fold; return the model at its best validation UA, the history and stats.
+    trainer: RowTrainer, train: dict[str, Any], frames: np.ndarray,
+    members: dict[str, pd.DataFrame], labels: dict[str, np.ndarray], n_classes: int,
+    fold: int, row: str = "", checkpoint: Path | None = None,
+) -> tuple[list[np.ndarray], list[dict[str, float]], dict[str, Any]]:
+    """Train one fold; return the weights at its best validation UA, the history and stats.
 
     `members` holds the fold's "train" and "val" rows only: the test speaker is
     not an argument, so it cannot influence training or checkpoint selection.
+    With `checkpoint`, the state after each epoch is kept there and a later call
+    continues from it, with the same result as an uninterrupted fold.
     """
-    import keras
-    import tensorflow as tf
-
-    from mdser.model import build_model, per_sample_loss
-
-    strategy = configure(train)
-    keras.utils.set_random_seed(train["seed"] * 1000 + fold)
-    rng = np.random.default_rng(train["seed"] * 1000 + fold)
-
+    seed = train["seed"] * 1000 + fold
+    rng = np.random.default_rng(seed)
     stats_rows = members["train"] if train["standardize"] == "train" else members["all"]
     mean, std = standardization(frames, stats_rows)
     weights = class_weights(labels["train"], n_classes, train["class_weight_alpha"]).astype(np.float32)
     steps = len(length_batches(members["train"]["frames"].to_numpy(), train["batch_frames"]))
+    trainer.start_fold(seed, steps)
 
-    with strategy.scope():
-        model = build_model(model_params, n_classes, n_mels=frames.shape[1])
-        optimizer = keras.optimizers.Adam(_clr_schedule(steps, train["lr_min"], train["lr_max"]))
-        if train["mixed_precision"]:
-            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(model.trainable_variables)  # else the first step is traced twice
-    loss_fn = per_sample_loss(model_params["head"], heads["arcface"], heads["softmax"])
-    n_mels = frames.shape[1]
-    spec = [
-        tf.TensorSpec((None, n_mels, None, 3), tf.float32), tf.TensorSpec((None,), tf.int32),
-        tf.TensorSpec((None,), tf.int32), tf.TensorSpec((None,), tf.float32),
-    ]
-
-    @tf.function(input_signature=spec, jit_compile=train["xla"], reduce_retracing=True)
-    def train_step(x: Any, lengths: Any, y: Any, w: Any) -> Any:
-        with tf.GradientTape() as tape:
-            out = model({"features": x, "lengths": lengths}, training=True)
-            loss = tf.reduce_mean(loss_fn(y, out) * w)
-            scaled = optimizer.scale_loss(loss) if train["mixed_precision"] else loss
-        grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-        return loss
-
-    predict = Predictor(model, model_params["head"], heads["arcface"])
-    history: list[dict[str, float]] = []
-    best_ua, best_epoch, best_weights, waited = -1.0, 0, model.get_weights(), 0
-    for epoch in range(1, train["max_epochs"] + 1):
+    progress = {"epoch": 0, "history": [], "best_ua": -1.0, "best_epoch": 0, "waited": 0}
+    best_weights = trainer.model.get_weights()
+    if checkpoint is not None and checkpoint.exists():
+        progress, state, best_weights = load_epoch(checkpoint)
+        trainer.set_state(state)
+        rng.bit_generator.state = progress.pop("rng")
+        print(f"row {row}, fold {fold}: resuming after epoch {progress['epoch']}")
+    while progress["epoch"] < train["max_epochs"]:
+        if train["patience"] and progress["waited"] >= train["patience"]:
+            break
+        epoch = progress["epoch"] + 1
         losses = []
         for x, lengths, idx in batches(frames, members["train"], mean, std, train["batch_frames"], rng):
             y = labels["train"][idx].astype(np.int32)
-            losses.append(train_step(x, lengths, y, weights[y]))  # no host sync per step
+            losses.append(trainer.train_step(x, lengths, y, weights[y]))  # no host sync per step
         loss = float(np.mean([float(v) for v in losses]))
         if not math.isfinite(loss):
             raise TrainingDiverged(
@@ -271,24 +378,28 @@ def fit_fold(
                 "lower train.lr_max or check the features",
                 fold,
             )
-        probs = predict(frames, members["val"], mean, std, train["batch_frames"])
+        probs = trainer.predict(frames, members["val"], mean, std, train["batch_frames"])
         val_ua = unweighted_accuracy(labels["val"], probs.argmax(axis=1))
         lr = float(cyclical_lr(steps * epoch, steps, train["lr_min"], train["lr_max"]))
-        history.append({"epoch": epoch, "train_loss": loss, "val_ua": val_ua, "lr": lr})
-        if val_ua > best_ua:
-            best_ua, best_epoch, best_weights, waited = val_ua, epoch, model.get_weights(), 0
+        progress["history"].append({"epoch": epoch, "train_loss": loss, "val_ua": val_ua, "lr": lr})
+        progress["epoch"] = epoch
+        if val_ua > progress["best_ua"]:
+            progress |= {"best_ua": val_ua, "best_epoch": epoch, "waited": 0}
+            best_weights = trainer.model.get_weights()
         else:
-            waited += 1
-            if train["patience"] and waited >= train["patience"]:
-                break
-    model.set_weights(best_weights)
-    stats = {"best_epoch": best_epoch, "val_ua": best_ua, "mean": mean.tolist(), "std": std.tolist()}
-    return model, history, stats
+            progress["waited"] += 1
+        if checkpoint is not None:
+            save_epoch(checkpoint, progress | {"rng": rng.bit_generator.state}, trainer.state(),
+                       best_weights)
+    stats = {"best_epoch": progress["best_epoch"], "val_ua": progress["best_ua"],
+             "mean": mean.tolist(), "std": std.tolist()}
+    return best_weights, progress["history"], stats
 
 
 def fit_with_smaller_batches_on_oom(
-    model_params: dict[str, Any], train: dict[str, Any], *args: Any, **kwargs: Any
-) -> tuple[Any, list[dict[str, float]], dict[str, Any]]:
+    trainer: RowTrainer, train: dict[str, Any], *args: Any, checkpoint: Path | None = None,
+    **kwargs: Any,
+) -> tuple[list[np.ndarray], list[dict[str, float]], dict[str, Any]]:
     """`fit_fold`; on a device out-of-memory, halve `batch_frames` and retrain the fold."""
     import tensorflow as tf
 
@@ -296,8 +407,11 @@ def fit_with_smaller_batches_on_oom(
     while True:
         try:
             smaller = train | {"batch_frames": batch_frames}
-            model, history, stats = fit_fold(model_params, smaller, *args, **kwargs)
-            return model, history, stats | {"batch_frames": batch_frames}
+            at = checkpoint and checkpoint.with_name(f"{checkpoint.name}-b{batch_frames}.npz")
+            best, history, stats = fit_fold(trainer, smaller, *args, checkpoint=at, **kwargs)
+            if at is not None:
+                at.unlink(missing_ok=True)
+            return best, history, stats | {"batch_frames": batch_frames}
         except tf.errors.ResourceExhaustedError:
             if batch_frames <= 2 * TIME_QUANTUM:
                 raise UserError("out of memory even with the smallest batch; free the device") from None
@@ -326,7 +440,8 @@ def train_row(
     """Train every selected fold of one ablation row into `out`.
 
     Each finished fold is also kept under `resume_dir/<key>/`, keyed by a hash of
-    its inputs, so an interrupted stage resumes from the last completed fold.
+    its inputs, and the fold in progress keeps its state after every epoch, so an
+    interrupted stage resumes from the last completed epoch.
     """
     from mdser.stores import open_features, read_meta
 
@@ -342,24 +457,28 @@ def train_row(
     if train["folds"] > len(folds):
         raise UserError(f"train.folds = {train['folds']}, but the corpus has only {len(folds)} folds")
     heads = {"arcface": params["arcface"], "softmax": params["softmax"]}
-    results = []
+    results, trainer = [], None
+    resume_dir.mkdir(parents=True, exist_ok=True)
     for fold in folds[: train["folds"]]:
         members = fold_members(index, fold)
         key = fold_key(model_params, train, heads, meta, fold, classes)
         done = resume_dir / key
         if not (done / "fold.json").exists():
+            if trainer is None:
+                trainer = RowTrainer(model_params, train, heads, len(classes), frames.shape[1])
             fit_members = {"train": members["train"], "val": members["val"], "all": index}
             labels = {r: encode_labels(members[r], classes) for r in ("train", "val")}
-            model, history, stats = fit_with_smaller_batches_on_oom(
-                model_params, train, heads, frames, fit_members, labels, len(classes),
-                fold["fold"], row,
+            best, history, stats = fit_with_smaller_batches_on_oom(
+                trainer, train, frames, fit_members, labels, len(classes), fold["fold"], row,
+                checkpoint=resume_dir / f"{key}.epoch",
             )
             tmp = done.with_name(key + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            model.save_weights(tmp / "model.weights.h5")
+            trainer.model.set_weights(best)
+            trainer.model.save_weights(tmp / "model.weights.h5")
             pd.DataFrame(history).to_csv(tmp / "history.csv", index=False, lineterminator="\n")
-            stats |= {"fold": fold["fold"], "device": device_name()}
+            stats |= {"fold": fold["fold"], "device": device_name(), "replicas": trainer.replicas}
             (tmp / "fold.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
             shutil.rmtree(done, ignore_errors=True)
             tmp.rename(done)

@@ -144,21 +144,22 @@ class SpatialPyramidPooling(keras.layers.Layer):
 
     def call(self, x, lengths):
         n_freq = self.n_freq or x.shape[1]
-        lengths = ops.expand_dims(ops.cast(lengths, "int32"), 1)  # (B, 1)
-        frames = ops.expand_dims(ops.arange(ops.shape(x)[2], dtype="int32"), 0)  # (1, T)
+        lengths = ops.cast(lengths, "int32")[:, None, None]  # (B, 1, 1)
+        frames = ops.arange(ops.shape(x)[2], dtype="int32")[None, None, :]  # (1, 1, T)
+        neg_inf = ops.convert_to_tensor(float("-inf"), dtype=x.dtype)
         levels = []
         for n in self.levels:
             # (B, n, T, C): max over each frequency bin, time still unpooled.
             by_freq = ops.stack(
                 [ops.max(x[:, lo:hi], axis=1) for lo, hi in adaptive_bins(n_freq, n)], axis=1
             )
-            by_time = []
-            for i in range(n):
-                start = (i * lengths) // n
-                end = -((-(i + 1) * lengths) // n)  # ceil((i + 1) * L / n)
-                inside = (frames >= start) & (frames < end)  # (B, T)
-                by_time.append(_masked_max_over_time(by_freq, inside))  # (B, n, C)
-            grid = ops.stack(by_time, axis=2)  # (B, n_freq_bins, n_time_bins, C)
+            i = ops.arange(n, dtype="int32")[None, :, None]  # (1, n, 1)
+            start = (i * lengths) // n
+            end = -((-(i + 1) * lengths) // n)  # ceil((i + 1) * L / n)
+            inside = (frames >= start) & (frames < end)  # (B, n time bins, T)
+            # (B, n_freq_bins, n_time_bins, T, C) -> max over T: all time bins in one op.
+            masked = ops.where(inside[:, None, :, :, None], by_freq[:, :, None], neg_inf)
+            grid = ops.max(masked, axis=3)
             levels.append(ops.reshape(grid, (-1, n * n, x.shape[3])))
         return ops.concatenate(levels, axis=1)
 
