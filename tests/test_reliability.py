@@ -481,6 +481,10 @@ def completed_folds(repo: Path) -> list[Path]:
                   and (d / "fold.json").exists())
 
 
+def epoch_checkpoints(repo: Path) -> list[Path]:
+    return sorted((repo / ".cache" / "resume" / ROW).glob("*.epoch-b*.npz"))
+
+
 def _start(repo: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as f:  # the child keeps its own descriptor
         return subprocess.Popen(["dvc", "repro"], cwd=repo, env=env_for(repo), stdout=f,
@@ -538,8 +542,9 @@ def interrupted(tmp_path_factory) -> dict:
          "data/audio")
     kill("featurize", lambda: (repo / "data/features.partial").exists(), signal.SIGINT,
          "featurize", "data/features")
-    kill("train, 2nd fold", lambda: len(completed_folds(repo)) == 1, signal.SIGTERM,
-         f"train@{ROW}", f"models/{ROW}")
+    kill("train, 2nd fold after its 1st epoch",
+         lambda: len(completed_folds(repo)) == 1 and bool(epoch_checkpoints(repo)),
+         signal.SIGTERM, f"train@{ROW}", f"models/{ROW}")
     fold0 = completed_folds(repo)[0]
     fold0_mtime = (fold0 / "fold.json").stat().st_mtime_ns
     kill("evaluate, MLflow logging", lambda: _mlflow_summary_logged(repo), signal.SIGKILL,
@@ -572,11 +577,13 @@ def test_rerun_after_kills_gives_the_uninterrupted_tables(interrupted, base):
 
 
 @pytest.mark.slow
-def test_training_resumes_from_the_completed_fold(interrupted):
+def test_training_resumes_from_the_completed_fold_and_epoch(interrupted):
     repo, fold0 = interrupted["repo"], interrupted["fold0"]
     assert fold0.is_dir() and (fold0 / "fold.json").stat().st_mtime_ns == interrupted["fold0_mtime"]
     assert len(completed_folds(repo)) == 2  # the second fold trained after the kill, once
+    assert f"row {ROW}, fold 1: resuming after epoch 1" in interrupted["final"].stdout
     assert not list((repo / ".cache" / "resume" / ROW).glob("*.partial"))
+    assert not epoch_checkpoints(repo)  # a finished fold keeps only its result
 
 
 @pytest.mark.slow

@@ -179,3 +179,31 @@ def test_mirrored_strategy_over_two_devices_trains_as_one_device():
     for a, b in zip(res["mirrored"], res["single"], strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
     assert res["diff"] < 1e-5  # only the order of the gradient sums differs
+
+
+@pytest.mark.slow
+def test_a_device_out_of_memory_halves_the_batch_and_retrains_the_fold(tmp_path, capsys):
+    """The GPU's ResourceExhaustedError, injected into the real step for batches above a budget."""
+    import tensorflow as tf
+
+    from mdser.training import RowTrainer, fit_with_smaller_batches_on_oom
+
+    trainer = RowTrainer(TINY_MODEL, TINY_TRAIN, HEADS, 3, 8)
+    step = trainer.train_step
+
+    def small_memory_step(x, lengths, y, w):
+        if x.shape[0] * x.shape[2] > 128:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+        return step(x, lengths, y, w)
+
+    trainer.train_step = small_memory_step
+    frames, members, labels = tiny_fold()
+    best, history, stats = fit_with_smaller_batches_on_oom(
+        trainer, TINY_TRAIN | {"batch_frames": 512}, frames, members, labels, 3, 0, "tiny",
+        checkpoint=tmp_path / "fold0.epoch")
+    assert stats["batch_frames"] == 128 and len(history) == TINY_TRAIN["max_epochs"]
+    assert "retrying the fold with train.batch_frames = 256" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())  # no checkpoint is left behind
+    trainer.train_step = step
+    alone = fit(trainer, TINY_TRAIN | {"batch_frames": 128}, 0)
+    assert same(best, alone[0]) and history == alone[1]  # as if run with that budget from the start

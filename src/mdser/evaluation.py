@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import confusion_matrix, f1_score, recall_score
 
 
 def unweighted_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
@@ -29,6 +28,8 @@ def summarize(predictions: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
 
     `predictions` has columns fold, actual, predicted (class names).
     """
+    from sklearn.metrics import confusion_matrix, f1_score, recall_score  # here: `train` skips its import
+
     labels = list(range(len(classes)))
     code = {c: i for i, c in enumerate(classes)}
     y = predictions["actual"].map(code).to_numpy()
@@ -98,6 +99,7 @@ def confusion_figure(predictions: pd.DataFrame, classes: list[str], title: str =
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
 
     cm = confusion_matrix(predictions["actual"], predictions["predicted"], labels=classes)
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(classes), 0.8 + 0.7 * len(classes)))

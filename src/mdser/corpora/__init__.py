@@ -23,7 +23,6 @@ from mdser.corpora.manifest import (
     resolve_path,
     write_manifest,
 )
-from mdser.corpora.synth import generate
 from mdser.errors import UserError
 
 __all__ = [
@@ -50,6 +49,8 @@ def prepare(
     min_duration = float(data.get("min_duration", 0.0))
     info: dict = {"corpus": corpus}
     if corpus == "synth":
+        from mdser.corpora.synth import generate  # scipy: imported only when needed
+
         generate(raw_dir, data["synth"])
         if data["synth"].get("layout", "emodb") == "emodb":
             df = read_emodb(raw_dir, "synth", min_duration)
