@@ -225,3 +225,17 @@ def test_mixed_float16_outputs_float32(head):
         np.testing.assert_allclose(batched[:1], alone, rtol=1e-2, atol=1e-2)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_the_summary_command_prints_each_row_with_its_parameter_count():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "mdser.model", "--filters", "4", "--classes", "7",
+                          "cnn-gmp-softmax"], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = {**PARAMS["model"], **PARAMS["ablation"]["rows"]["cnn-gmp-softmax"], "filters": 4}
+    count = build_model(cfg, n_classes=7).count_params()
+    assert f"cnn-gmp-softmax (4 filters, 7 classes): {count:,} parameters" in out.stdout
+    assert "layer8" in out.stdout and "gmp" in out.stdout
