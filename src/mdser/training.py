@@ -223,8 +223,7 @@ class RowTrainer:
         from mdser.model import build_model, per_sample_loss
 
         self.build = lambda: build_model(model_params, n_classes, n_mels=n_mels)
-        self.train = train
-        default = configure(train)
+        default = configure(train)  # also sets op determinism and the precision policy
         self.strategy = strategy = strategy or default
         with strategy.scope():
             self.stepsize = tf.Variable(1.0, trainable=False, name="clr_stepsize")  # set per fold
@@ -274,7 +273,6 @@ class RowTrainer:
         pad = np.zeros(n * size - len(y), np.int64)  # copies of the first utterance
         parts = [np.concatenate([a, a[pad]]) for a in (x, lengths, y)]
         parts.append(np.concatenate([w, np.zeros(pad.size, w.dtype)]))
-        import tensorflow as tf
 
         def per_replica(a: np.ndarray) -> Any:
             def part(ctx: Any) -> np.ndarray:
@@ -283,7 +281,7 @@ class RowTrainer:
 
             return self.strategy.experimental_distribute_values_from_function(part)
 
-        return (*map(per_replica, parts), tf.constant(len(y), tf.float32))
+        return (*map(per_replica, parts), np.float32(len(y)))
 
     def start_fold(self, seed: int, steps_per_epoch: int) -> None:
         """Fresh weights exactly as `build_model` after `set_random_seed(seed)`; fresh Adam state."""
