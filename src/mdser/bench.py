@@ -61,7 +61,7 @@ SIZES = {
         "default_utts": 48, "default_naive_utts": 48,
         "paper_utts": 6, "paper_naive_utts": 3, "paper_batch_frames": 1500,
         "equality_utts": 8, "paper_equality_utts": 3,
-        "corpus_utts": 40, "growth_factors": [1, 2, 4], "naive_feature_factor": 1,
+        "corpus_utts": 40, "growth_factors": [1, 2, 4], "naive_feature_factors": [1, 4],
         "dvc_rows": ["cnn-gmp-softmax", "mdcnn-ff-spp-att-arcface"],
     },
     "full": {
@@ -69,7 +69,7 @@ SIZES = {
         "default_utts": 160, "default_naive_utts": 160,
         "paper_utts": 24, "paper_naive_utts": 8, "paper_batch_frames": None,
         "equality_utts": 24, "paper_equality_utts": 4,
-        "corpus_utts": None, "growth_factors": [1, 2, 4], "naive_feature_factor": 1,
+        "corpus_utts": None, "growth_factors": [1, 2, 4], "naive_feature_factors": [1, 4],
         "dvc_rows": None,
     },
 }
@@ -805,8 +805,10 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                         f"{d:.2e}", d <= TARGETS["equality_atol"]))
     fe = r.get("features")
     if fe:
-        s = fe["speedup"]
-        out.append(("Feature extraction vs librosa loop", "≥ 2×", f"{s:.2f}×",
+        largest = list(fe["speedup"])[-1]
+        s = fe["speedup"][largest]
+        out.append((f"Feature extraction vs librosa loop (same corpus, at {largest})", "≥ 2×",
+                    ", ".join(f"{k}: {v:.2f}×" for k, v in fe["speedup"].items()),
                     s >= TARGETS["feature_speedup"]))
         g = fe["memory_growth_2x"]
         out.append(("Peak memory does not grow with corpus (2× / 1×)", "≤ 1.2 (PSS)",
@@ -933,11 +935,11 @@ def write_report(r: dict[str, Any], path: Path) -> None:
                 f"{v['featurize_s']:.1f} | {v['audio_s_per_s']:.1f} | {v['peak_pss_mib']:.0f} | "
                 f"{v['peak_rss_mib']:.0f} | {v['peak_anon_mib']:.0f} | "
                 f"{v['store_bytes'] / 2**20:.1f} |")
-        n = fe["librosa"]
-        lines.append(
-            f"| librosa loop 1× | {n['utterances']} | {n['audio_s']:.0f} | – | – | "
-            f"{n['audio_s_per_s']:.1f} | {n['peak_pss_mib']:.0f} | {n['peak_rss_mib']:.0f} | "
-            f"{n['peak_anon_mib']:.0f} | – |")
+        for key, n in fe["librosa"].items():
+            lines.append(
+                f"| librosa loop {key} | {n['utterances']} | {n['audio_s']:.0f} | – | – | "
+                f"{n['audio_s_per_s']:.1f} | {n['peak_pss_mib']:.0f} | {n['peak_rss_mib']:.0f} | "
+                f"{n['peak_anon_mib']:.0f} | – |")
         p = fe["profile"]
         lines += ["", f"Single-process split over {p['utterances']} utterances "
                   f"({p['audio_s']:.0f} s audio): read {p['read_s']:.2f} s, resample "
@@ -1024,7 +1026,7 @@ def run_features(params: dict[str, Any], size: dict[str, Any], work: Path
     base = size["corpus_utts"] or params["data"]["synth"]["utterances"]
     repo, growth = {}, {}
     default = profiles(params)["default"]
-    libr = prof = trainer = None
+    libr, prof, trainer = {}, None, None
     for factor in size["growth_factors"]:
         key = f"{factor}x"
         raw = work / f"corpus_{key}" / "raw"
@@ -1036,19 +1038,18 @@ def run_features(params: dict[str, Any], size: dict[str, Any], work: Path
         log(f"features {key}: {res['utterances']} utts, {res['audio_s_per_s']:.1f} audio s/s, "
             f"peak RSS {res['peak_rss_mib']:.0f} MiB")
         repo[key] = res
-        if factor == size["naive_feature_factor"]:
-            libr = in_fresh_process("_features_job", "librosa", str(manifest_csv), str(raw), "")
-            prof = feature_profile(params, manifest, raw)
-            log(f"librosa loop {key}: {libr['audio_s_per_s']:.1f} audio s/s")
+        if factor in size["naive_feature_factors"]:
+            libr[key] = in_fresh_process("_features_job", "librosa", str(manifest_csv), str(raw), "")
+            prof = prof or feature_profile(params, manifest, raw)
+            log(f"librosa loop {key}: {libr[key]['audio_s_per_s']:.1f} audio s/s")
         g, trainer = growth_epoch(params, Path(res["feature_store"]), default, trainer)
         g["store_bytes"] = res["store_bytes"]
         growth[key] = g
         log(f"growth {key}: epoch {g['epoch_s']:.1f} s")
         shutil.rmtree(raw, ignore_errors=True)
-    first = f"{size['naive_feature_factor']}x"
     features = {
         "repo": repo, "librosa": libr, "profile": prof,
-        "speedup": repo[first]["audio_s_per_s"] / libr["audio_s_per_s"],
+        "speedup": {k: repo[k]["audio_s_per_s"] / v["audio_s_per_s"] for k, v in libr.items()},
         "memory_growth_2x": {
             k: repo["2x"][f"peak_{k}_mib"] / repo["1x"][f"peak_{k}_mib"]
             for k in ("rss", "pss", "anon")
