@@ -581,7 +581,8 @@ def test_training_resumes_from_the_completed_fold_and_epoch(interrupted):
     repo, fold0 = interrupted["repo"], interrupted["fold0"]
     assert fold0.is_dir() and (fold0 / "fold.json").stat().st_mtime_ns == interrupted["fold0_mtime"]
     assert len(completed_folds(repo)) == 2  # the second fold trained after the kill, once
-    assert f"row {ROW}, fold 1: resuming after epoch 1" in interrupted["final"].stdout
+    after_kill = next(k for k in interrupted["kills"] if k["point"].startswith("evaluate"))
+    assert f"row {ROW}, fold 1: resuming after epoch 1" in after_kill["log"]  # the next repro
     assert not list((repo / ".cache" / "resume" / ROW).glob("*.partial"))
     assert not epoch_checkpoints(repo)  # a finished fold keeps only its result
 
