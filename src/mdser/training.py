@@ -403,18 +403,21 @@ def fit_with_smaller_batches_on_oom(
 
     batch_frames = train["batch_frames"]
     while True:
+        smaller = train | {"batch_frames": batch_frames}
+        at = checkpoint and checkpoint.with_name(f"{checkpoint.name}-b{batch_frames}.npz")
         try:
-            smaller = train | {"batch_frames": batch_frames}
-            at = checkpoint and checkpoint.with_name(f"{checkpoint.name}-b{batch_frames}.npz")
             best, history, stats = fit_fold(trainer, smaller, *args, checkpoint=at, **kwargs)
-            if at is not None:
-                at.unlink(missing_ok=True)
-            return best, history, stats | {"batch_frames": batch_frames}
         except tf.errors.ResourceExhaustedError:
+            if at is not None:
+                at.unlink(missing_ok=True)  # this budget is never resumed
             if batch_frames <= 2 * TIME_QUANTUM:
                 raise UserError("out of memory even with the smallest batch; free the device") from None
             batch_frames //= 2
             print(f"out of memory: retrying the fold with train.batch_frames = {batch_frames}")
+            continue
+        if at is not None:
+            at.unlink(missing_ok=True)  # the finished fold is kept by the caller
+        return best, history, stats | {"batch_frames": batch_frames}
 
 
 def encode_labels(rows: pd.DataFrame, classes: list[str]) -> np.ndarray:
