@@ -89,3 +89,10 @@ def test_peak_memory_sees_this_process():
     with bench.PeakMemory(interval=0.01) as mem:
         np.ones(1 << 20).sum()
     assert mem.peak_rss > 0 and mem.peak_pss > 0
+
+
+def test_batching_ceiling_is_amdahl_or_the_peak_whichever_is_lower():
+    profile = {"one_per_batch_step_s": 0.036, "step_overhead_s": 0.009,
+               "one_per_batch": {"useful_flops": 5e9}}
+    assert bench.batching_ceiling(profile, peak=80e9) == pytest.approx(0.036 / 0.027)
+    assert bench.batching_ceiling(profile, peak=6e9) == pytest.approx(6 / 5)

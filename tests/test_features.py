@@ -4,7 +4,7 @@ import librosa
 import numpy as np
 import pytest
 
-from mdser.features import delta, log_mel, n_frames, three_channel
+from mdser.features import delta, hz_to_mel, log_mel, mel_filterbank, mel_to_hz, n_frames, three_channel
 
 FEATURES = {"n_mels": 40, "n_fft": 512, "win_ms": 25, "hop_ms": 10, "delta_n": 9}
 SR = 16000
@@ -31,10 +31,32 @@ def test_log_mel_matches_numpy_stft():
     np.testing.assert_allclose(ours, numpy_log_mel(y), atol=2e-3)
 
 
+@pytest.mark.parametrize("duration", [0.3, 1.0, 2.71])
+def test_log_mel_matches_librosa_melspectrogram(duration):
+    y = np.random.default_rng(3).standard_normal(int(SR * duration)).astype(np.float32) * 0.1
+    power = librosa.feature.melspectrogram(
+        y=y, sr=SR, n_fft=512, win_length=400, hop_length=160, window="hamming",
+        center=True, power=2.0, n_mels=40, htk=True,
+    )
+    ours = log_mel(y, SR, FEATURES)
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, np.log(power + 1e-10).T, atol=1e-4)
+
+
 def test_mel_scale_is_eq3():
-    # Eq. 3: f_mel = 2595 log10(1 + f / 700); HTK mel is exactly this
-    f = np.array([0.0, 700.0, 4000.0])
-    np.testing.assert_allclose(librosa.hz_to_mel(f, htk=True), 2595 * np.log10(1 + f / 700))
+    # Eq. 3: f_mel = 2595 log10(1 + f / 700); librosa's HTK mel is the same formula
+    f = np.array([0.0, 700.0, 4000.0, 8000.0])
+    np.testing.assert_allclose(hz_to_mel(f), 2595 * np.log10(1 + f / 700))
+    np.testing.assert_allclose(hz_to_mel(f), librosa.hz_to_mel(f, htk=True))
+    np.testing.assert_allclose(mel_to_hz(hz_to_mel(f)), f, atol=1e-9)
+
+
+@pytest.mark.parametrize(("sr", "n_fft", "n_mels"), [(16000, 512, 40), (22050, 1024, 64), (8000, 256, 20)])
+def test_mel_filterbank_matches_librosa(sr, n_fft, n_mels):
+    ref = librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, htk=True)
+    fb = mel_filterbank(sr, n_fft, n_mels)
+    assert fb.shape == (n_fft // 2 + 1, n_mels)
+    np.testing.assert_allclose(fb.T, ref, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("n", [1, 2, 9])

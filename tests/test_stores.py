@@ -51,6 +51,39 @@ def test_audio_and_feature_stores_round_trip(tmp_path, corpus):
     assert frames.shape == (findex["frames"].sum(), 40, 3) and np.isfinite(frames).all()
 
 
+def test_stores_built_by_worker_processes_equal_the_one_utterance_computation(
+    tmp_path, corpus, monkeypatch
+):
+    # jobs of 2 utterances: the 3 files go to two workers, two part files, two feature jobs
+    from threadpoolctl import threadpool_limits
+
+    import mdser.features
+    import mdser.stores
+    from mdser import audio as audio_io
+    from mdser.features import three_channel
+
+    monkeypatch.setattr(mdser.stores, "UTTERANCES_PER_JOB", 2)
+    monkeypatch.setattr(mdser.features, "UTTERANCES_PER_JOB", 2)
+    raw, manifest = corpus
+    audio = tmp_path / "audio"
+    with atomic_dir(audio) as out:
+        build_audio_store(manifest, raw, out, 16000)
+        write_meta(out, {"sample_rate": 16000, "manifest_sha256": "x"})
+    assert sorted(p.name for p in audio.iterdir()) == ["audio.f32", "index.csv", "meta.json"]
+    with atomic_dir(tmp_path / "features") as out:
+        build_feature_store(audio, out, FEATURES)
+    index, samples = open_audio(audio)
+    findex, frames = open_features(tmp_path / "features")
+    for r, f in zip(index.itertuples(), findex.itertuples(), strict=True):
+        y, sr = audio_io.read_audio(raw / f"{r.utt_id}.wav")
+        expected = audio_io.resample(y, sr, 16000)
+        got = samples[r.sample_offset : r.sample_offset + r.n_samples]
+        np.testing.assert_array_equal(got, expected)
+        with threadpool_limits(1):  # as in the workers: BLAS threads change float rounding
+            reference = three_channel(expected, 16000, FEATURES)
+        np.testing.assert_array_equal(frames[f.offset : f.offset + f.frames], reference)
+
+
 def test_a_corpus_file_changed_after_download_is_detected(tmp_path, corpus):
     raw, manifest = corpus
     with open(raw / "u1.wav", "r+b") as f:

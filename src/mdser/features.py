@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
-import librosa
 import numpy as np
 import pandas as pd
+import scipy.fft
 
 from mdser.errors import UserError
 from mdser.stores import (
+    AUDIO_FILE,
     FEATURES_FILE,
     INDEX_FILE,
+    UTTERANCES_PER_JOB,
     open_audio,
     parallel_map,
     read_meta,
@@ -39,14 +42,51 @@ def n_frames(n_samples: int, hop: int) -> int:
     return 1 + n_samples // hop
 
 
+@functools.lru_cache(maxsize=8)
+def hamming_window(n_fft: int, win: int) -> np.ndarray:
+    """A periodic Hamming window of `win` samples centred in `n_fft` zeros."""
+    window = np.zeros(n_fft, np.float32)
+    start = (n_fft - win) // 2
+    window[start : start + win] = 0.54 - 0.46 * np.cos(2 * np.pi * np.arange(win) / win)
+    return window
+
+
+def hz_to_mel(f: np.ndarray) -> np.ndarray:
+    """Eq. 3: f_mel = 2595 log10(1 + f / 700)."""
+    return 2595.0 * np.log10(1.0 + np.asarray(f, np.float64) / 700.0)
+
+
+def mel_to_hz(m: np.ndarray) -> np.ndarray:
+    return 700.0 * (10.0 ** (np.asarray(m, np.float64) / 2595.0) - 1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
+    """FB of Eq. 4, shape (n_fft // 2 + 1, n_mels): triangles at points evenly spaced
+    on the mel scale of Eq. 3 from 0 Hz to Nyquist, each scaled to unit area
+    (the HTK mel scale with Slaney area normalisation, as librosa's `htk=True`)."""
+    edges = mel_to_hz(np.linspace(0.0, hz_to_mel(sample_rate / 2), n_mels + 2))
+    bins = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
+    rising = (bins[None, :] - edges[:-2, None]) / np.diff(edges)[:-1, None]
+    falling = (edges[2:, None] - bins[None, :]) / np.diff(edges)[1:, None]
+    triangles = np.maximum(0.0, np.minimum(rising, falling))
+    return (triangles * (2.0 / (edges[2:] - edges[:-2]))[:, None]).T.astype(np.float32)
+
+
 def log_mel(y: np.ndarray, sample_rate: int, features: dict[str, Any]) -> np.ndarray:
-    """Log-mel spectrogram, Eq. 4: log sum_i FB(i) |X(i)|^2; shape (frames, n_mels)."""
+    """Log-mel spectrogram, Eq. 4: log sum_i FB(i) |X(i)|^2; shape (frames, n_mels).
+
+    X is the centred STFT (zero-padded by n_fft / 2 at both ends, as librosa's
+    default), one frame per hop, Hamming-windowed.
+    """
     win, hop = stft_geometry(features, sample_rate)
-    power = librosa.feature.melspectrogram(
-        y=y, sr=sample_rate, n_fft=features["n_fft"], win_length=win, hop_length=hop,
-        window="hamming", center=True, power=2.0, n_mels=features["n_mels"], htk=True,
-    )
-    return np.log(power + 1e-10).T.astype(np.float32)
+    n_fft = features["n_fft"]
+    padded = np.pad(np.asarray(y, np.float32), n_fft // 2)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop]
+    spectrum = scipy.fft.rfft(frames * hamming_window(n_fft, win), axis=1)
+    power = spectrum.real**2 + spectrum.imag**2
+    fb = mel_filterbank(sample_rate, n_fft, features["n_mels"])
+    return np.log(power @ fb + np.float32(1e-10))
 
 
 def delta(x: np.ndarray, n: int) -> np.ndarray:
@@ -70,33 +110,41 @@ def three_channel(y: np.ndarray, sample_rate: int, features: dict[str, Any]) -> 
     return np.stack([spec, d1, d2], axis=-1)
 
 
-def _featurize_one(args: tuple[np.ndarray, int, dict[str, Any]]) -> np.ndarray:
-    y, sample_rate, features = args
-    return three_channel(np.asarray(y), sample_rate, features)
+def _featurize_into_store(job: tuple[Path, Path, list[tuple[int, int, int]], int, dict[str, Any]]) -> None:
+    """Featurize utterances (sample offset, samples, frame offset) of the audio file
+    straight into the feature file: both are memory maps, so no audio or feature
+    array travels between processes."""
+    audio_file, features_file, utterances, sample_rate, features = job
+    samples = np.memmap(audio_file, dtype="<f4", mode="r")
+    store = np.load(features_file, mmap_mode="r+")
+    for start, length, offset in utterances:
+        x = three_channel(samples[start : start + length], sample_rate, features)
+        store[offset : offset + len(x)] = x
+    store.flush()
 
 
 def build_feature_store(audio_store: Path, out: Path, features: dict[str, Any]) -> pd.DataFrame:
     """Featurize every utterance of the audio store into `out` (streamed, bounded memory)."""
-    index, samples = open_audio(audio_store)
+    index, _ = open_audio(audio_store)
     sample_rate = read_meta(audio_store)["sample_rate"]
     _, hop = stft_geometry(features, sample_rate)
     index = index.copy()
     index["frames"] = [n_frames(int(n), hop) for n in index["n_samples"]]
     index["offset"] = np.concatenate([[0], np.cumsum(index["frames"])[:-1]]).astype(np.int64)
     out.mkdir(parents=True, exist_ok=True)
-    store = np.lib.format.open_memmap(
+    np.lib.format.open_memmap(
         out / FEATURES_FILE, mode="w+", dtype=np.float32,
         shape=(int(index["frames"].sum()), features["n_mels"], 3),
-    )
+    ).flush()
+    utterances = list(zip(index["sample_offset"].tolist(), index["n_samples"].tolist(),
+                          index["offset"].tolist(), strict=True))
     jobs = (
-        (samples[int(r.sample_offset) : int(r.sample_offset) + int(r.n_samples)], sample_rate, features)
-        for r in index.itertuples()
+        (audio_store / AUDIO_FILE, out / FEATURES_FILE, utterances[i : i + UTTERANCES_PER_JOB],
+         sample_rate, features)
+        for i in range(0, len(utterances), UTTERANCES_PER_JOB)
     )
-    warm_up = (np.zeros(sample_rate, np.float32), sample_rate, features)
-    for r, x in zip(index.itertuples(), parallel_map(_featurize_one, jobs, warm_up=warm_up), strict=True):
-        store[int(r.offset) : int(r.offset) + int(r.frames)] = x
-    store.flush()
-    del store
+    for _ in parallel_map(_featurize_into_store, jobs):
+        pass
     columns = ["utt_id", "speaker", "emotion", "offset", "frames"]
     write_index(index[columns], out / INDEX_FILE)
     meta = read_meta(audio_store) | {"features": features, "index_sha256": sha256_file(out / INDEX_FILE)}
