@@ -57,6 +57,7 @@ def hz_to_mel(f: np.ndarray) -> np.ndarray:
 
 
 def mel_to_hz(m: np.ndarray) -> np.ndarray:
+    """The inverse of Eq. 3."""
     return 700.0 * (10.0 ** (np.asarray(m, np.float64) / 2595.0) - 1.0)
 
 
