@@ -497,15 +497,23 @@ def kill_when(repo: Path, point: str, ready: Callable[[], bool], sig: signal.Sig
     log = repo.parent / f"{repo.name}-{point}.log"
     proc = _start(repo, log)
     deadline = time.time() + 600
-    while not ready():
+    while True:
+        if ready():
+            # freeze the run so that a fast stage cannot finish between the check and the
+            # signal (featurize takes well under a second on the test corpus)
+            os.killpg(proc.pid, signal.SIGSTOP)
+            if ready():
+                break
+            os.killpg(proc.pid, signal.SIGCONT)
         if proc.poll() is not None:
             raise AssertionError(f"{point}: dvc repro ended ({proc.returncode}) before the "
                                  f"kill point:\n{log.read_text()}")
         if time.time() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"{point}: kill point never reached:\n{log.read_text()}")
-        time.sleep(0.02)
+        time.sleep(0.005)
     os.killpg(proc.pid, sig)
+    os.killpg(proc.pid, signal.SIGCONT)  # the signal is delivered as the run resumes
     try:
         rc = proc.wait(timeout=120)
     except subprocess.TimeoutExpired:
