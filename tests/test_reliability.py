@@ -485,11 +485,17 @@ def epoch_checkpoints(repo: Path) -> list[Path]:
     return sorted((repo / ".cache" / "resume" / ROW).glob("*.epoch-b*.npz"))
 
 
+def _default_sigint() -> None:
+    # a background job of a shell (`pytest &`) inherits SIGINT ignored, and so would every
+    # stage: give the run the disposition a user's terminal gives it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(repo: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as f:  # the child keeps its own descriptor
         return subprocess.Popen(["dvc", "repro"], cwd=repo, env=env_for(repo), stdout=f,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_sigint)
 
 
 def kill_when(repo: Path, point: str, ready: Callable[[], bool], sig: signal.Signals) -> dict:
