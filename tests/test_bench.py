@@ -91,8 +91,9 @@ def test_peak_memory_sees_this_process():
     assert mem.peak_rss > 0 and mem.peak_pss > 0
 
 
-def test_batching_ceiling_is_amdahl_or_the_peak_whichever_is_lower():
+def test_batching_bounds_are_the_peak_ratio_and_the_fixed_cost_share():
     profile = {"one_per_batch_step_s": 0.036, "step_overhead_s": 0.009,
                "one_per_batch": {"useful_flops": 5e9}}
-    assert bench.batching_ceiling(profile, peak=80e9) == pytest.approx(0.036 / 0.027)
-    assert bench.batching_ceiling(profile, peak=6e9) == pytest.approx(6 / 5)
+    bounds = bench.batching_bounds(profile, peak=80e9)
+    assert bounds["peak_bound"] == pytest.approx(16.0)
+    assert bounds["fixed_share"] == pytest.approx(0.25)
