@@ -1,6 +1,12 @@
-"""DVC stage `ablate`: the paper's Table 1 and Table 3 from every row's test results.
+"""DVC stage `ablate`: the paper's Table 1 and Table 3 from every row's test results,
+with the baseline row, intervals, the paired ablation-step comparisons and the figure.
 
     python stages/ablate.py results metrics
+
+Reads results/<row>/ for every `ablation.rows` row and results/baseline/; writes
+metrics/ablation.{md,csv,json}, metrics/ablation_plot.csv, metrics/images/ablation.png,
+the confusion data and images and the curves; logs each step's comparison to its
+row's MLflow parent run.
 """
 
 import argparse
@@ -9,10 +15,40 @@ from pathlib import Path
 
 import pandas as pd
 
-from mdser.ablation import table_frame, write_tables
+from mdser.ablation import (
+    BASELINE,
+    plot_frame,
+    step_comparisons,
+    steps_frame,
+    table_frame,
+    write_figure,
+    write_tables,
+)
 from mdser.errors import UserError, run_stage
 from mdser.evaluation import confusion_figure
 from mdser.params import load_params, row_model
+from mdser.tracking import log_steps
+
+
+def read_row(results: Path, metrics: Path, row: str, stage: str) -> dict:
+    """A row's summary; its confusion data and image (and its curve, if it has a history)."""
+    path = results / row / "summary.json"
+    if not path.exists():
+        raise UserError(f"{path}: missing; run `dvc repro {stage}`")
+    summary = json.loads(path.read_text())
+    predictions = pd.read_csv(results / row / "predictions.csv")
+    for sub in ("confusion", "curves", "images"):
+        (metrics / sub).mkdir(parents=True, exist_ok=True)
+    predictions[["actual", "predicted"]].to_csv(
+        metrics / "confusion" / f"{row}.csv", index=False, lineterminator="\n"
+    )
+    if (results / row / "history.csv").exists():
+        history = pd.read_csv(results / row / "history.csv")
+        curve = history.drop(columns="fold").groupby("epoch", as_index=False).mean()
+        curve.round(6).to_csv(metrics / "curves" / f"{row}.csv", index=False, lineterminator="\n")
+    fig = confusion_figure(predictions, summary["classes"], row)
+    fig.savefig(metrics / "images" / f"{row}.png", dpi=80, metadata={"Software": None})
+    return summary | {"n_folds": len(summary["folds"])}
 
 
 def main() -> None:
@@ -22,31 +58,24 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     rows = sorted(params["ablation"]["rows"])
+    corpus, confidence = params["data"]["corpus"], params["ablation"]["confidence"]
 
-    summaries, models = {}, {}
-    for row in rows:
-        path = args.results / row / "summary.json"
-        if not path.exists():
-            raise UserError(f"{path}: missing; run `dvc repro evaluate@{row}`")
-        summary = json.loads(path.read_text())
-        summaries[row] = summary | {"n_folds": len(summary["folds"])}
-        models[row] = row_model(params, row)
-        predictions = pd.read_csv(args.results / row / "predictions.csv")
-        for sub in ("confusion", "curves", "images"):
-            (args.metrics / sub).mkdir(parents=True, exist_ok=True)
-        predictions[["actual", "predicted"]].to_csv(
-            args.metrics / "confusion" / f"{row}.csv", index=False, lineterminator="\n"
-        )
-        history = pd.read_csv(args.results / row / "history.csv")
-        curve = history.drop(columns="fold").groupby("epoch", as_index=False).mean()
-        curve.round(6).to_csv(args.metrics / "curves" / f"{row}.csv", index=False, lineterminator="\n")
-        fig = confusion_figure(predictions, summary["classes"], row)
-        fig.savefig(args.metrics / "images" / f"{row}.png", dpi=80, metadata={"Software": None})
+    summaries = {row: read_row(args.results, args.metrics, row, f"evaluate@{row}") for row in rows}
+    summaries[BASELINE] = read_row(args.results, args.metrics, BASELINE, "baseline")
+    models = {row: row_model(params, row) for row in rows}
 
-    corpus = params["data"]["corpus"]
     frame = table_frame(params, models, summaries, corpus)
-    write_tables(frame, corpus, args.metrics / "ablation")
+    steps = step_comparisons(params, summaries)
+    write_tables(frame, corpus, args.metrics / "ablation", steps_frame(steps), confidence)
+    write_figure(plot_frame(frame), corpus, confidence, args.metrics / "images" / "ablation.png",
+                 args.metrics / "ablation_plot.csv")
     print((args.metrics / "ablation.md").read_text())
+
+    experiment = f"{params['mlflow']['experiment_prefix']}-{corpus}"
+    missing = log_steps(experiment, steps, summaries)
+    if missing:
+        print(f"MLflow: no parent run of {missing} in {experiment!r} holds these results; "
+              "their step comparisons were not logged")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def main() -> None:
     corpus = params["data"]["corpus"]
 
     predictions = test_predictions(params, model, args.features, folds_doc, args.models)
-    summary = summarize(predictions, folds_doc["classes"])
+    summary = summarize(predictions, folds_doc["classes"], params["ablation"]["confidence"])
     histories = {
         f["fold"]: pd.read_csv(args.models / f"fold_{f['fold']}" / "history.csv") for f in summary["folds"]
     }

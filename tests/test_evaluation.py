@@ -2,6 +2,7 @@
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
 from mdser.evaluation import summarize, unweighted_accuracy, weighted_accuracy
@@ -37,3 +38,18 @@ def test_summarize_per_fold_and_pooled():
     assert np.isclose(s["pooled_ua"], balanced_accuracy_score(y, p))
     assert s["confusion"] == [[2, 1, 0], [0, 2, 0], [1, 0, 0]]
     assert s["recall"] == {"a": 2 / 3, "b": 1.0, "c": 0.0}
+
+
+def test_summarize_gives_the_t_interval_of_the_fold_uas():
+    classes = ["a", "b"]
+    rng = np.random.default_rng(0)
+    pred = pd.DataFrame({
+        "fold": np.repeat([0, 1, 2, 3], 10), "speaker": np.repeat(["s0", "s1", "s2", "s3"], 10),
+        "actual": rng.choice(classes, 40), "predicted": rng.choice(classes, 40),
+    })
+    s = summarize(pred, classes, confidence=0.9)
+    uas = [f["ua"] for f in s["folds"]]
+    lo, hi = stats.t.interval(0.9, 3, loc=np.mean(uas), scale=stats.sem(uas))
+    assert np.isclose(s["ua_ci_low"], lo) and np.isclose(s["ua_ci_high"], hi) and s["confidence"] == 0.9
+    one = summarize(pred[pred["fold"] == 0], classes)
+    assert one["ua_ci_low"] is None and one["ua_ci_high"] is None and one["confidence"] == 0.95

@@ -5,8 +5,11 @@ Every test runs real processes in a temporary copy of the repository: `dvc repro
 the stage scripts. Nothing of DVC or MLflow is mocked. The configuration is tiny
 (see `test_pipeline.tiny_params`, one ArcFace ablation row).
 
-Faults: bad parameters, kills (SIGINT, SIGTERM, SIGKILL to the process group) at
-several points of a run, two queued experiments running at once (local store and
+Faults: bad parameters (refused by the `check` stage before DVC deletes any output, or by
+the stage script itself), kills (SIGINT, SIGTERM, SIGKILL to the process group) at
+several points of a run, each reached deterministically (the run is frozen with SIGSTOP
+at the kill point; for the MLflow kill the stage freezes itself through a test-only
+`sitecustomize`), two queued experiments running at once (local store and
 server), a NaN loss, a corpus file changed after `download`, a damaged feature
 store, credentials in the tracking URI, 30-second utterances.
 
@@ -88,6 +91,8 @@ def edit_params(repo: Path, mutate: Callable[[dict], None]) -> None:
 
 def one_row(params: dict) -> None:
     params["ablation"]["rows"] = {ROW: dict(ROW_MODEL)}
+    if "steps" in params["ablation"]:  # a step may name only rows of the table (or the baseline)
+        params["ablation"]["steps"] = {ROW: "baseline"}
 
 
 def commit_all(repo: Path, message: str) -> None:
@@ -439,6 +444,40 @@ def test_more_folds_than_speakers_is_refused_before_any_work(tmp_path):
     assert not (repo / "data").exists()
 
 
+def _tree_bytes(path: Path) -> dict[str, bytes]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): p.read_bytes() for p in files}
+
+
+@pytest.mark.slow
+def test_a_bad_parameter_stops_dvc_repro_in_check_and_keeps_earlier_outputs(tmp_path):
+    """DVC deletes a stage's outputs before running it: the `check` stage (all of params.yaml;
+    every stage depends on its output) refuses the value before DVC starts `download`."""
+    repo = fresh_repo(tmp_path / "r")
+    sh(["dvc", "repro", "split"], repo)  # check, download, split: the cheap stages
+    kept = ["data/raw", "data/manifest.csv", "metrics/corpus.json", "data/splits.json", "dvc.lock"]
+    before = {p: _tree_bytes(repo / p) for p in kept}
+    assert before["data/raw"] and "check" in lock_stages(repo)
+
+    edit_params(repo, lambda p: p["data"].update(corpus="emodbx"))
+    proc = sh(["dvc", "repro"], repo, check=False)
+    assert proc.returncode != 0, proc.stdout
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and "data.corpus" in proc.stderr and "'emodbx'" in proc.stderr, proc.stderr
+    assert TRACEBACK not in proc.stderr
+    ran = re.findall(r"Running stage '([^']+)'", proc.stdout)
+    assert ran == ["check"], ran  # DVC touched no other stage
+    for p in kept:  # download's outputs and metrics, split's, and dvc.lock: as they were
+        assert _tree_bytes(repo / p) == before[p], f"{p} changed or was deleted"
+    assert not partials(repo)
+
+    edit_params(repo, lambda p: p["data"].update(corpus="synth"))  # the value put right
+    proc = sh(["dvc", "repro", "split"], repo)
+    assert set(re.findall(r"Running stage '([^']+)'", proc.stdout)) <= {"check"}, proc.stdout
+    for p in kept[:-1]:  # nothing after `check` re-ran: its output is the same file again
+        assert _tree_bytes(repo / p) == before[p], f"{p} changed"
+
+
 # --- 3a. concurrency: the local store's lock -----------------------------------------------------
 
 
@@ -481,6 +520,9 @@ def completed_folds(repo: Path) -> list[Path]:
                   and (d / "fold.json").exists())
 
 
+KEPT_MARK = "kept-by-test"  # put into a completed fold's resume folder after a kill
+
+
 def epoch_checkpoints(repo: Path) -> list[Path]:
     return sorted((repo / ".cache" / "resume" / ROW).glob("*.epoch-b*.npz"))
 
@@ -491,17 +533,18 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _start(repo: Path, log: Path) -> subprocess.Popen:
+def _start(repo: Path, log: Path, extra: dict[str, str] | None = None) -> subprocess.Popen:
     with open(log, "w") as f:  # the child keeps its own descriptor
-        return subprocess.Popen(["dvc", "repro"], cwd=repo, env=env_for(repo), stdout=f,
+        return subprocess.Popen(["dvc", "repro"], cwd=repo, env=env_for(repo, extra), stdout=f,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_default_sigint)
 
 
-def kill_when(repo: Path, point: str, ready: Callable[[], bool], sig: signal.Signals) -> dict:
+def kill_when(repo: Path, point: str, ready: Callable[[], bool], sig: signal.Signals,
+              extra: dict[str, str] | None = None) -> dict:
     """Start `dvc repro`, wait until `ready()`, send `sig` to its process group."""
     log = repo.parent / f"{repo.name}-{point}.log"
-    proc = _start(repo, log)
+    proc = _start(repo, log, extra)
     deadline = time.time() + 600
     while True:
         if ready():
@@ -531,20 +574,73 @@ def kill_when(repo: Path, point: str, ready: Callable[[], bool], sig: signal.Sig
     return {"point": point, "signal": sig.name, "rc": rc, "log": log.read_text()}
 
 
-def _mlflow_summary_logged(repo: Path) -> bool:
-    """The parent run exists and holds its summary; its fold runs are being logged."""
-    return (repo / "mlruns").is_dir() and any((repo / "mlruns").rglob("summary.json"))
+# A `sitecustomize` put on the import path of one `dvc repro` only (nothing in the library
+# knows of it): when the stage script MDSER_TEST_FREEZE_IN has logged the artifact
+# MDSER_TEST_FREEZE_AT to MLflow, it writes the marker file and stops itself with SIGSTOP.
+# The kill then lands at that point of log_row every time (a parent run and a fold run
+# RUNNING, the other folds not yet logged), however fast the logging is.
+FREEZE_HOOK = textwrap.dedent("""
+    import os
+    if os.environ.get("MDSER_TEST_FREEZE_AT"):
+        import importlib.abc, importlib.util, signal, sys
+
+        class _FreezeAfterArtifact(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name != "mlflow.tracking.client":
+                    return None
+                sys.meta_path.remove(self)
+                spec = importlib.util.find_spec(name)
+                exec_module = spec.loader.exec_module
+
+                def patched(module):
+                    exec_module(module)
+                    log_text = module.MlflowClient.log_text
+
+                    def frozen_after(client, run_id, text, artifact_file):
+                        log_text(client, run_id, text, artifact_file)
+                        if (artifact_file == os.environ["MDSER_TEST_FREEZE_AT"] and
+                                os.path.basename(sys.argv[0]) == os.environ["MDSER_TEST_FREEZE_IN"]):
+                            with open(os.environ["MDSER_TEST_FREEZE_MARKER"], "w") as f:
+                                f.write(str(os.getpid()))
+                            os.kill(os.getpid(), signal.SIGSTOP)
+
+                    module.MlflowClient.log_text = frozen_after
+
+                spec.loader.exec_module = patched
+                return spec
+
+        sys.meta_path.insert(0, _FreezeAfterArtifact())
+""")
+
+
+def freeze_after_artifact(repo: Path, script: str, artifact: str) -> tuple[dict[str, str], Path]:
+    """The environment of a `dvc repro` whose stage `script` freezes after logging
+    `artifact`, and the marker file that says it did."""
+    hook = repo.parent / f"{repo.name}-freeze-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(FREEZE_HOOK)
+    marker = hook / "frozen"
+    marker.unlink(missing_ok=True)
+    extra = {"PYTHONPATH": f"{hook}{os.pathsep}{repo / 'src'}",
+             "MDSER_TEST_FREEZE_IN": script, "MDSER_TEST_FREEZE_AT": artifact,
+             "MDSER_TEST_FREEZE_MARKER": str(marker)}
+    return extra, marker
 
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory) -> dict:
     """One fresh repository killed at five points of `dvc repro`, then run to the end."""
     repo = fresh_repo(tmp_path_factory.mktemp("interrupted") / "repo")
+    if "runtime" in yaml.safe_load((repo / "params.yaml").read_text()):
+        # one fold at a time (the library can train folds in parallel), so that "one fold
+        # done, the next part-way" is a state every run passes through
+        edit_params(repo, lambda p: p["runtime"].update(workers=1))
+        commit_all(repo, "one fold worker")
     kills = []
 
     def kill(point: str, ready: Callable[[], bool], sig: signal.Signals, stage: str,
-             out: str | None) -> None:
-        k = kill_when(repo, point, ready, sig)
+             out: str | None, extra: dict[str, str] | None = None) -> None:
+        k = kill_when(repo, point, ready, sig, extra)
         k |= {"stage": stage, "locked": lock_stages(repo),
               "out_exists": out is not None and (repo / out).exists(),
               "partials": [str(p.relative_to(repo)) for p in partials(repo)]}
@@ -559,15 +655,19 @@ def interrupted(tmp_path_factory) -> dict:
     kill("train, 2nd fold after its 1st epoch",
          lambda: len(completed_folds(repo)) == 1 and bool(epoch_checkpoints(repo)),
          signal.SIGTERM, f"train@{ROW}", f"models/{ROW}")
-    fold0 = completed_folds(repo)[0]
-    fold0_mtime = (fold0 / "fold.json").stat().st_mtime_ns
-    kill("evaluate, MLflow logging", lambda: _mlflow_summary_logged(repo), signal.SIGKILL,
-         f"evaluate@{ROW}", None)
+    done = completed_folds(repo)[0]  # the run is dead: mark the fold it completed
+    (done / KEPT_MARK).write_text("written by the test after the kill\n")
+    done_fold = json.loads((done / "fold.json").read_text())["fold"]
+    # frozen by FREEZE_HOOK right after fold 0's predictions reached MLflow: the parent run
+    # and fold 0's run are RUNNING, fold 1 is not logged yet
+    frozen, marker = freeze_after_artifact(repo, "evaluate.py", "predictions.csv")
+    kill("evaluate, MLflow logging", marker.exists, signal.SIGKILL, f"evaluate@{ROW}", None,
+         frozen)
     with sqlite3.connect(repo / "mlruns" / "mlflow.db") as db:
         running = db.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0]
     final = sh(["dvc", "repro"], repo)
-    return {"repo": repo, "kills": kills, "fold0": fold0, "fold0_mtime": fold0_mtime,
-            "final": final, "running_after_kill": running}
+    return {"repo": repo, "kills": kills, "done_fold": done_fold, "final": final,
+            "running_after_kill": running}
 
 
 @pytest.mark.slow
@@ -592,11 +692,18 @@ def test_rerun_after_kills_gives_the_uninterrupted_tables(interrupted, base):
 
 @pytest.mark.slow
 def test_training_resumes_from_the_completed_fold_and_epoch(interrupted):
-    repo, fold0 = interrupted["repo"], interrupted["fold0"]
-    assert fold0.is_dir() and (fold0 / "fold.json").stat().st_mtime_ns == interrupted["fold0_mtime"]
-    assert len(completed_folds(repo)) == 2  # the second fold trained after the kill, once
+    repo, done = interrupted["repo"], interrupted["done_fold"]
+    part_way = 1 - done  # the run trains folds 0 and 1
+    models = repo / "models" / ROW
+    # the fold completed before the kill was taken as it was (its folder, with the test's
+    # mark, copied into the output), not trained again; the other fold was trained after it
+    assert (models / f"fold_{done}" / KEPT_MARK).is_file()
+    assert (models / f"fold_{part_way}" / "fold.json").is_file()
+    assert not (models / f"fold_{part_way}" / KEPT_MARK).exists()
     after_kill = next(k for k in interrupted["kills"] if k["point"].startswith("evaluate"))
-    assert f"row {ROW}, fold 1: resuming after epoch 1" in after_kill["log"]  # the next repro
+    log = after_kill["log"]  # the next repro: the part-way fold went on after its last epoch
+    assert re.search(rf"row {ROW}, fold {part_way}: resuming after epoch \d+", log), log[-3000:]
+    assert f"fold {done}: resuming" not in log
     assert not list((repo / ".cache" / "resume" / ROW).glob("*.partial"))
     assert not epoch_checkpoints(repo)  # a finished fold keeps only its result
 
@@ -606,19 +713,24 @@ def test_killed_mlflow_logging_leaves_one_finished_run_per_row(interrupted):
     runs = mlflow_runs(local_uri(interrupted["repo"]))
     parents = [r for r in runs if r.data.tags.get("level") == "row"]
     finished = [r for r in parents if r.info.status == "FINISHED"]
-    assert len(finished) == 1 and finished[0].data.tags["row"] == ROW
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == finished[0].info.run_id]
-    assert sorted(r.data.tags["fold"] for r in children) == ["0", "1"]
-    assert all(r.info.status == "FINISHED" for r in children)
+    per_row = Counter(r.data.tags["row"] for r in finished)  # the CNN row (and the baseline)
+    assert per_row[ROW] == 1 and set(per_row.values()) == {1}, per_row
+    for parent in finished:
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(r.data.tags["fold"] for r in children) == ["0", "1"]
+        assert all(r.info.status == "FINISHED" for r in children)
 
 
 @pytest.mark.slow
 def test_killed_mlflow_logging_leaves_no_dangling_run(interrupted):
-    if not interrupted["running_after_kill"]:
-        pytest.skip("the SIGKILL came after log_row had finished: nothing left RUNNING to resolve")
+    # the kill left the parent run and fold 0's run RUNNING (see FREEZE_HOOK) ...
+    assert interrupted["running_after_kill"] == 2, interrupted["running_after_kill"]
+    # ... and the rerun's log_row closed them (KILLED) before logging the row again
     runs = mlflow_runs(local_uri(interrupted["repo"]))
     dangling = [(r.info.run_name, r.info.status) for r in runs if r.info.status == "RUNNING"]
     assert not dangling, dangling
+    killed = sorted(r.info.run_name for r in runs if r.info.status == "KILLED")
+    assert killed == sorted([ROW, f"{ROW}/fold0"]), killed
 
 
 # --- 1b. more folds than speakers, at the train stage --------------------------------------------
@@ -644,10 +756,10 @@ def test_more_folds_than_speakers_is_a_clear_error_of_train(base, tmp_path):
 def test_a_nan_loss_stops_training_with_a_clear_error_and_a_failed_run(base, tmp_path):
     repo = clone(base, tmp_path / "r")
     for out in ("models", "results"):
-        shutil.rmtree(repo / out)
+        shutil.rmtree(repo / out / ROW)
     for s in ("md", "csv", "json"):
         (repo / f"metrics/ablation.{s}").unlink()
-    edit_params(repo, lambda p: p["train"].update(lr_min=1e30, lr_max=1e30))
+    edit_params(repo, lambda p: p["train"].update(lr_policy="fixed", lr_min=1e30, lr_max=1e30))
     proc = sh(["dvc", "repro"], repo, check=False)
     assert proc.returncode != 0, proc.stdout
     errors = error_lines(proc.stderr)
@@ -758,7 +870,8 @@ def test_tracking_credentials_are_never_written_to_files_or_mlflow(credential_ru
     assert f"Running stage 'evaluate@{ROW}'" in proc.stdout
     leaks = leaked_files(credential_run["repo"])  # params.yaml, dvc.lock, metrics/, results/, .dvc/
     assert not leaks, leaks
-    assert len(runs) == 3  # the parent and its two folds: the credentials did reach the server
+    per_row = Counter(r.data.tags["row"] for r in runs)  # the CNN row (and the baseline):
+    assert per_row[ROW] == 3 and set(per_row.values()) == {3}, per_row  # parent + 2 folds each
     for r in runs:
         blob = json.dumps([r.data.params, r.data.tags, r.info.artifact_uri])
         assert SECRET not in blob and "alice" not in blob, blob

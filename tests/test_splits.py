@@ -46,3 +46,30 @@ def test_too_few_speakers_is_a_clear_error():
 def test_a_speaker_in_two_roles_is_refused():
     with pytest.raises(UserError, match="two roles"):
         check_folds([{"fold": 0, "test": "a", "val": "b", "train": ["a", "c"]}])
+
+
+def test_some_speakers_without_a_session_is_a_clear_error_naming_them():
+    """Not a silent fall-back to the session-less (EMODB) rule."""
+    speakers = [f"Ses0{s}{g}" for s in range(1, 6) for g in "FM"]
+    sessions = [s[:5] for s in speakers]
+    sessions[speakers.index("Ses02M")] = ""
+    sessions[speakers.index("Ses05F")] = ""
+    with pytest.raises(UserError, match=r"\['Ses02M', 'Ses05F'\] have no session") as err:
+        speaker_folds(manifest(speakers * 2, sessions * 2))
+    assert "Ses01F" not in str(err.value)  # only the speakers whose session is missing
+
+
+def test_a_missing_session_counts_also_when_read_back_as_nan():
+    speakers = ["a", "b", "c", "d"]
+    m = manifest(speakers, ["S1", "S1", float("nan"), "S2"])
+    with pytest.raises(UserError, match=r"\['c'\] have no session"):
+        speaker_folds(m)
+
+
+def test_no_speaker_with_a_session_keeps_the_emodb_rule():
+    speakers = ["a", "b", "c", "d"]
+    for blank in ("", float("nan")):
+        folds = speaker_folds(manifest(speakers, [blank] * 4))
+        assert [(f["test"], f["val"], f["train"]) for f in folds] == [
+            ("a", "b", ["c", "d"]), ("b", "c", ["a", "d"]), ("c", "d", ["a", "b"]),
+            ("d", "a", ["b", "c"])]

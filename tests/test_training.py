@@ -46,6 +46,45 @@ def test_cyclical_lr_two_full_cycles():
     np.testing.assert_allclose(ours[[5, 15]], hi, rtol=1e-5)
 
 
+def test_range_test_sweep_is_geometric_from_start_to_end():
+    from mdser.training import range_test_lr
+
+    steps = np.arange(0, 11)
+    ours = np.asarray(range_test_lr(steps, 10, 1e-5, 1e-1))
+    np.testing.assert_allclose(ours, 1e-5 * 10.0 ** (4 * steps / 10), rtol=1e-5)
+
+
+def reference_bounds(lrs, uas):
+    """The rule of `clr_bounds`, written out point by point."""
+    n = len(uas)
+    smooth = []
+    for i in range(n):
+        window = [uas[max(i - 1, 0)], uas[i], uas[min(i + 1, n - 1)]]
+        smooth.append(sum(window) / 3)
+    peak = max(range(n), key=lambda i: (smooth[i], -i))
+    if peak == 0 or smooth[peak] - smooth[0] <= 1e-9:
+        return None
+    half = smooth[0] + (smooth[peak] - smooth[0]) / 2
+    low = next(i for i in range(n) if smooth[i] >= half)
+    return lrs[min(low, peak - 1)], lrs[peak]
+
+
+@pytest.mark.parametrize("uas", [
+    [0.14, 0.15, 0.20, 0.35, 0.50, 0.55, 0.40, 0.14],   # rise, peak, fall
+    [0.30, 0.28, 0.25, 0.20, 0.14, 0.14, 0.14, 0.14],   # never rises: no bounds
+    [0.14, 0.14, 0.60, 0.20, 0.60, 0.61, 0.62, 0.10],   # a noisy spike is smoothed away
+    [0.14, 0.16, 0.18, 0.20, 0.22, 0.24, 0.26, 0.28],   # still rising at lr_end
+])
+def test_clr_bounds_follow_the_papers_rule(uas):
+    from mdser.training import clr_bounds
+
+    lrs = list(np.geomspace(1e-5, 1e-1, len(uas)))
+    assert clr_bounds(lrs, uas) == reference_bounds(lrs, uas)
+    found = clr_bounds(lrs, uas)
+    if found is not None:
+        assert found[0] < found[1]
+
+
 def test_length_batches_cover_everything_once_within_the_frame_budget():
     rng = np.random.default_rng(0)
     lengths = rng.integers(60, 3000, 300)
@@ -83,10 +122,11 @@ def test_standardization_and_padding():
 
 TINY_MODEL = {"filters": 4, "conv": "mdcb", "merge": "sum", "pooling": "spp", "spp_levels": [1, 2],
               "attention": True, "attention_units": 8, "fc_units": 8, "head": "arcface"}
-TINY_TRAIN = {"max_epochs": 3, "batch_frames": 256, "lr_min": 1e-4, "lr_max": 5e-3,
+TINY_TRAIN = {"max_epochs": 3, "batch_frames": 256, "lr_policy": "fixed", "lr_min": 1e-4, "lr_max": 5e-3,
+              "range_test": {"lr_start": 1e-4, "lr_end": 1e-1, "epochs": 2, "points": 6},
               "class_weight_alpha": "auto", "patience": 0, "standardize": "train", "seed": 0,
               "mixed_precision": False, "xla": False}
-HEADS = {"arcface": {"m": 0.5, "s": 2.0}, "softmax": {"label_smoothing": 0.0}}
+HEADS = {"arcface": {"m": 0.5, "s": 2.0, "margin_warmup": 0}, "softmax": {"label_smoothing": 0.0}}
 
 
 def tiny_fold(seed: int = 0):

@@ -23,12 +23,16 @@ def weighted_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
 
 
-def summarize(predictions: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
+def summarize(predictions: pd.DataFrame, classes: list[str], confidence: float = 0.95) -> dict[str, Any]:
     """Per-fold and pooled metrics of one ablation row from its test predictions.
 
-    `predictions` has columns fold, actual, predicted (class names).
+    `predictions` has columns fold, speaker, actual, predicted (class names).
+    `ua_ci_low`/`ua_ci_high`: the `confidence` Student-t interval of the mean fold
+    UA (`mdser.statistics.t_interval`; None with fewer than 2 folds).
     """
     from sklearn.metrics import confusion_matrix, f1_score, recall_score  # here: `train` skips its import
+
+    from mdser.statistics import t_interval
 
     labels = list(range(len(classes)))
     code = {c: i for i, c in enumerate(classes)}
@@ -45,9 +49,13 @@ def summarize(predictions: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
         })
     per_fold = pd.DataFrame(folds)
     recall = recall_score(y, p, labels=labels, average=None, zero_division=0)
+    interval = t_interval(per_fold["ua"], confidence)
     return {
         "folds": folds,
         "ua_mean": float(per_fold["ua"].mean()), "ua_std": float(per_fold["ua"].std(ddof=0)),
+        "ua_ci_low": None if interval is None else interval[0],
+        "ua_ci_high": None if interval is None else interval[1],
+        "confidence": confidence,
         "wa_mean": float(per_fold["wa"].mean()), "wa_std": float(per_fold["wa"].std(ddof=0)),
         "macro_f1_mean": float(per_fold["macro_f1"].mean()),
         "pooled_ua": unweighted_accuracy(y, p), "pooled_wa": weighted_accuracy(y, p),

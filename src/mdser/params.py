@@ -78,12 +78,32 @@ class Split(Strict):
     seed: int
 
 
+class RangeTest(Strict):
+    """The paper's learning-rate range test ("Model training"): the learning rate grows
+    geometrically from `lr_start` to `lr_end` over `epochs` epochs, the validation UA is
+    measured at `points` evenly spaced steps, and the CLR bounds are read off that curve."""
+
+    lr_start: PositiveFloat
+    lr_end: PositiveFloat
+    epochs: PositiveInt
+    points: Annotated[int, Field(ge=4)]
+
+    @model_validator(mode="after")
+    def _increasing(self) -> RangeTest:
+        if self.lr_start >= self.lr_end:
+            raise ValueError(
+                f"train.range_test.lr_start = {self.lr_start} must be below lr_end = {self.lr_end}")
+        return self
+
+
 class Train(Strict):
     folds: PositiveInt
     max_epochs: PositiveInt
     batch_frames: Annotated[int, Field(ge=100)]
+    lr_policy: Literal["range_test", "fixed"]
     lr_min: PositiveFloat
     lr_max: PositiveFloat
+    range_test: RangeTest
     class_weight_alpha: Literal["auto"] | PositiveFloat
     patience: Annotated[int, Field(ge=0)]
     standardize: Literal["train", "global"]
@@ -135,10 +155,29 @@ class Softmax(Strict):
 class Arcface(Strict):
     m: Annotated[float, Field(ge=0, lt=math.pi, description="additive angular margin, in [0, pi)")]
     s: PositiveFloat
+    margin_warmup: Annotated[float, Field(ge=0, description="epochs over which the margin grows from 0 to m")]
+
+
+class Baseline(Strict):
+    """Logistic regression on per-utterance log-mel statistics: the floor of every table.
+    Its inverse regularisation strength is picked from `C` on the validation speaker."""
+
+    C: Annotated[list[PositiveFloat], Field(min_length=1)]
+    max_iter: PositiveInt
+
+
+class Runtime(Strict):
+    """How the work is spread over this machine; never changes a result, so no stage
+    depends on it."""
+
+    workers: Annotated[int, Field(ge=0, description="processes training folds at once; 0 = one per core")]
 
 
 class Ablation(Strict):
     rows: Annotated[dict[str, ModelRow], Field(min_length=1)]
+    # each ablation step: the row -> the row it modifies, compared on the same test speakers
+    steps: dict[str, str]
+    confidence: Annotated[float, Field(gt=0, lt=1)]
 
     @field_validator("rows")
     @classmethod
@@ -147,6 +186,15 @@ class Ablation(Strict):
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"row name {name!r} may hold only letters, digits, '-' and '_'")
         return rows
+
+    @model_validator(mode="after")
+    def _steps_name_rows(self) -> Ablation:
+        for row, base in self.steps.items():
+            for name in (row, base):
+                if name not in self.rows and name != "baseline":
+                    raise ValueError(
+                        f"ablation.steps: {name!r} ({row} vs {base}) is not a row of ablation.rows")
+        return self
 
 
 class PaperFigure(Strict):
@@ -172,9 +220,11 @@ class Params(Strict):
     model: Model
     softmax: Softmax
     arcface: Arcface
+    baseline: Baseline
     ablation: Ablation
     tables: Tables
     mlflow: Mlflow
+    runtime: Runtime
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:

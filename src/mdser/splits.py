@@ -5,7 +5,9 @@ validation set, and the training set is every speaker outside the test
 speaker's session. IEMOCAP: the validation speaker is the other actor of the
 test speaker's session, training is the other four sessions. Corpora without
 sessions (EMODB, the built-in corpus): the validation speaker is the next
-speaker in sorted order (cyclically), training is the remaining eight.
+speaker in sorted order (cyclically), training is the remaining eight. A manifest
+where some speakers have a session and others do not is refused, not folded by the
+session-less rule.
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ def speaker_folds(manifest: pd.DataFrame) -> list[dict[str, Any]]:
             f"the manifest keeps {len(speakers)} speaker(s); speaker-independent folds "
             "need at least 3 (test, validation, training)"
         )
-    has_sessions = all(session_of.values())
+    without = [s for s in speakers if not session_of[s]]
+    if without and len(without) < len(speakers):
+        raise UserError(
+            f"speaker(s) {without} have no session but the other "
+            f"{len(speakers) - len(without)} speakers have one; session-based (IEMOCAP) folds "
+            "need every speaker's session: check the manifest's `session` column"
+        )
+    has_sessions = not without
     folds = []
     for k, test in enumerate(speakers):
         if has_sessions:

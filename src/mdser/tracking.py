@@ -26,6 +26,7 @@ SUMMARY_METRICS = [
     "ua_mean", "ua_std", "wa_mean", "wa_std", "macro_f1_mean",
     "pooled_ua", "pooled_wa", "pooled_macro_f1", "n_folds",
 ]
+CI_METRICS = ["ua_ci_low", "ua_ci_high"]  # absent (not logged) with fewer than 2 folds
 
 
 def main_repo_root(path: Path | None = None) -> Path:
@@ -85,24 +86,39 @@ def experiment_id(mlflow_client: Any, name: str, root: Path | None = None) -> st
     )
 
 
-def environment_tags(stage: str, inputs_hash: str) -> dict[str, str]:
-    """Tags tying a run to DVC (experiment, stage, commit, inputs) and to the hardware."""
-    import tensorflow as tf
-
-    from mdser.training import device_name
-
+def run_tags(stage: str, inputs_hash: str) -> dict[str, str]:
+    """Tags tying a run to DVC: experiment name, stage, inputs hash and git commit."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = ""
-    gpus = tf.config.list_physical_devices("GPU")
-    gpu = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "") if gpus else ""
     return {
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
         "dvc.stage": stage, "dvc.inputs_hash": inputs_hash, "git.commit": commit,
-        "device": device_name(), "gpu": gpu, "tensorflow": tf.__version__,
+    }
+
+
+def environment_tags(stage: str, inputs_hash: str) -> dict[str, str]:
+    """`run_tags` plus the hardware and TensorFlow that evaluated the row."""
+    import tensorflow as tf
+
+    from mdser.training import device_name
+
+    gpus = tf.config.list_physical_devices("GPU")
+    gpu = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "") if gpus else ""
+    return run_tags(stage, inputs_hash) | {"device": device_name(), "gpu": gpu, "tensorflow": tf.__version__}
+
+
+def baseline_tags(stage: str, inputs_hash: str) -> dict[str, str]:
+    """`run_tags` plus the CPU and scikit-learn that ran the baseline (no TensorFlow import)."""
+    import sklearn
+
+    from mdser.training import cpu_model
+
+    return run_tags(stage, inputs_hash) | {
+        "device": f"CPU {cpu_model()} ({os.cpu_count()} cores)", "gpu": "", "sklearn": sklearn.__version__,
     }
 
 
@@ -113,9 +129,16 @@ def _flat(prefix: str, d: dict[str, Any]) -> dict[str, str]:
 def log_row(
     corpus: str, row: str, run_params: dict[str, Any], summary: dict[str, Any],
     histories: dict[int, pd.DataFrame], predictions: pd.DataFrame, figures: dict[int, Any],
-    tags: dict[str, str], experiment: str,
+    tags: dict[str, str], experiment: str, texts: dict[str, str] | None = None,
+    fold_params: dict[int, dict[str, str]] | None = None,
 ) -> str:
-    """Log one evaluated ablation row: a parent run and a child run per fold."""
+    """Log one evaluated ablation row: a parent run and a child run per fold.
+
+    The parent holds the summary metrics, the `ua_ci_low`/`ua_ci_high` interval when
+    the summary has one, summary.json and any `texts` (artifact name -> content);
+    each child its curves (`histories[fold]`, may be empty), test metrics,
+    predictions, confusion figure and `fold_params[fold]` beside its fold number.
+    """
     from mlflow.entities import Metric, Param, RunTag
 
     c = client()
@@ -128,12 +151,15 @@ def log_row(
         metrics = {k: summary[k] for k in SUMMARY_METRICS if k != "n_folds"}
         metrics |= {"n_folds": len(summary["folds"])}
         metrics |= {f"recall_{k}": v for k, v in summary["recall"].items()}
+        metrics |= {k: summary[k] for k in CI_METRICS if summary.get(k) is not None}
         params = {k: v for section, d in run_params.items() for k, v in _flat(section, d).items()}
         c.log_batch(
             pid, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())],
             params=[Param(k, v) for k, v in sorted(params.items())],
         )
         c.log_text(pid, json.dumps(summary, indent=2, sort_keys=True), "summary.json")
+        for name, text in sorted((texts or {}).items()):
+            c.log_text(pid, text, name)
         for f in summary["folds"]:
             k = f["fold"]
             child_tags = tags | {
@@ -148,7 +174,9 @@ def log_row(
                 for name, value in values.items()
             ]
             final = [Metric(f"test_{m}", float(f[m]), now, 0) for m in ("ua", "wa", "macro_f1")]
-            c.log_batch(cid, metrics=curves + final, params=[Param("fold", str(k))],
+            extra = (fold_params or {}).get(k, {})
+            c.log_batch(cid, metrics=curves + final,
+                        params=[Param("fold", str(k))] + [Param(n, v) for n, v in sorted(extra.items())],
                         tags=[RunTag("test_speaker", f["test_speaker"])])
             c.log_text(cid, predictions[predictions["fold"] == k].to_csv(index=False), "predictions.csv")
             if k in figures:
@@ -180,19 +208,92 @@ def log_failure(corpus: str, row: str, fold: int, message: str, experiment: str)
         c.set_terminated(run.info.run_id, status="FAILED")
 
 
-def summaries_from_mlflow(experiment: str, rows: list[str]) -> dict[str, dict[str, Any]]:
-    """The latest finished parent run of each row: its summary metrics."""
-    c = client()
-    exp = c.get_experiment_by_name(experiment)
+def latest_parent_runs(mlflow_client: Any, experiment: str, rows: list[str]) -> dict[str, list[Any]]:
+    """Every finished parent run of each of `rows`, newest first."""
+    exp = mlflow_client.get_experiment_by_name(experiment)
     if exp is None:
         return {}
-    runs = c.search_runs(
+    runs = mlflow_client.search_runs(
         [exp.experiment_id], "tags.level = 'row' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=5000,
     )
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, list[Any]] = {}
     for run in runs:
         row = run.data.tags.get("row")
-        if row in rows and row not in out:
-            out[row] = {k: run.data.metrics[k] for k in SUMMARY_METRICS}
+        if row in rows:
+            out.setdefault(row, []).append(run)
     return out
+
+
+def fold_results(mlflow_client: Any, parent: Any) -> list[dict[str, Any]]:
+    """The per-fold test results of a parent run, from its child runs, in fold order."""
+    children = mlflow_client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        max_results=5000,
+    )
+    folds = [
+        {"fold": int(r.data.tags["fold"]), "test_speaker": r.data.tags.get("test_speaker", ""),
+         "ua": r.data.metrics["test_ua"], "wa": r.data.metrics["test_wa"],
+         "macro_f1": r.data.metrics["test_macro_f1"]}
+        for r in children if r.info.status == "FINISHED" and "test_ua" in r.data.metrics
+    ]
+    return sorted(folds, key=lambda f: f["fold"])
+
+
+def summaries_from_mlflow(experiment: str, rows: list[str]) -> dict[str, dict[str, Any]]:
+    """The latest finished parent run of each row: its summary metrics and, from its
+    fold runs, the per-fold results (`folds`, for the intervals and paired tests)."""
+    c = client()
+    out: dict[str, dict[str, Any]] = {}
+    for row, runs in latest_parent_runs(c, experiment, rows).items():
+        run = runs[0]
+        out[row] = {k: run.data.metrics[k] for k in SUMMARY_METRICS} | {"folds": fold_results(c, run)}
+    return out
+
+
+def _same_results(run: Any, summary: dict[str, Any]) -> bool:
+    """Whether a parent run logged exactly this summary (the float metrics are stored exactly)."""
+    m = run.data.metrics
+    return all(m.get(k) == summary[k] for k in ("ua_mean", "ua_std", "wa_mean", "pooled_ua")) and (
+        m.get("n_folds") == len(summary["folds"])
+    )
+
+
+def log_steps(
+    experiment: str, steps: dict[str, dict[str, Any]], summaries: dict[str, dict[str, Any]],
+) -> list[str]:
+    """Log each ablation step's paired comparison to its row's parent run.
+
+    `steps`: row -> `mdser.ablation.step_comparisons` entry (base, n, delta, ci_low,
+    ci_high, p, p_min, significant). The run is the newest finished parent run of
+    the row whose summary metrics equal `summaries[row]` (the results the table was
+    built from, not a later run of another experiment); it gets the metrics
+    `step_delta_ua`, `step_ci_low`, `step_ci_high` (absent below 2 folds), `step_p`,
+    `step_p_min`, `step_folds` and the tags `step_base` (the row it modifies) and
+    `step_significant`. Returns the rows that had no such run (nothing logged for them).
+    """
+    from mlflow.entities import Metric, RunTag
+
+    c = client()
+    now = int(time.time() * 1000)
+    missing = []
+    with store_lock():
+        runs = latest_parent_runs(c, experiment, sorted(steps))
+        for row, step in steps.items():
+            match = [r for r in runs.get(row, []) if _same_results(r, summaries[row])]
+            if not match:
+                missing.append(row)
+                continue
+            values = {
+                "step_delta_ua": step["delta"], "step_ci_low": step["ci_low"],
+                "step_ci_high": step["ci_high"], "step_p": step["p"], "step_p_min": step["p_min"],
+                "step_folds": step["n"],
+            }
+            significant = step["significant"]
+            c.log_batch(
+                match[0].info.run_id,
+                metrics=[Metric(k, float(v), now, 0) for k, v in sorted(values.items()) if v is not None],
+                tags=[RunTag("step_base", step["base"]),
+                      RunTag("step_significant", "-" if significant is None else str(significant).lower())],
+            )
+    return missing

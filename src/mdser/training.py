@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,11 @@ from mdser.evaluation import unweighted_accuracy
 from mdser.splits import fold_members
 
 TIME_QUANTUM = 16  # pad batches to a multiple of this many frames: few distinct shapes
+# Keras' global RNG and tracing state: folds trained in parallel threads take turns with it.
+KERAS_GLOBALS = threading.RLock()
+RANGE_TEST_SAMPLE = 128  # training utterances whose UA the range test follows
+# Set when the stage stops (an error in another fold, a signal): every fold stops at its next batch.
+STOP = threading.Event()
 
 
 # --- Eq. 15 and Eq. 16-19 ---------------------------------------------------------------
@@ -48,18 +54,68 @@ def cyclical_lr(step: Any, stepsize: float, lr_min: float, lr_max: float) -> Any
     return lr_min + (lr_max - lr_min) * ops.maximum(0.0, 1.0 - x)  # Eq. 16
 
 
-def _clr_schedule(stepsize: Any, lr_min: float, lr_max: float) -> Any:
-    """Eq. 16-19 as a Keras schedule; `stepsize` may be a variable (set per fold)."""
-    import keras
+def range_test_lr(step: Any, sweep_steps: float, lr_start: float, lr_end: float) -> Any:
+    """The range test's sweep: lr_start at step 0, growing geometrically to lr_end at `sweep_steps`."""
+    import keras.ops as ops
 
-    class CyclicalLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    fraction = ops.cast(step, "float32") / ops.maximum(ops.cast(sweep_steps, "float32"), 1.0)
+    return lr_start * ops.power(lr_end / lr_start, fraction)
+
+
+def learning_rate_schedule() -> Any:
+    """One Keras schedule for a row's optimizer, set per fold without retracing.
+
+    With `sweep_steps` = 0 it is the CLR of Eq. 16-19 between `lr_min` and `lr_max`;
+    otherwise the range test's geometric sweep from `lr_min` to `lr_max`.
+    """
+    import keras
+    import tensorflow as tf
+
+    class FoldLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+        def __init__(self) -> None:
+            def variable(name: str) -> Any:
+                return tf.Variable(1.0, trainable=False, name=name, dtype=tf.float32)
+
+            self.stepsize, self.sweep_steps = variable("clr_stepsize"), variable("sweep_steps")
+            self.lr_min, self.lr_max = variable("lr_min"), variable("lr_max")
+
         def __call__(self, step: Any) -> Any:
-            return cyclical_lr(step, stepsize, lr_min, lr_max)
+            clr = cyclical_lr(step, self.stepsize, self.lr_min, self.lr_max)
+            sweep = range_test_lr(step, self.sweep_steps, self.lr_min, self.lr_max)
+            return tf.where(self.sweep_steps > 0, sweep, clr)
+
+        def set(self, lr_min: float, lr_max: float, stepsize: float = 1.0, sweep_steps: float = 0.0) -> None:
+            for variable, value in ((self.lr_min, lr_min), (self.lr_max, lr_max),
+                                    (self.stepsize, stepsize), (self.sweep_steps, sweep_steps)):
+                variable.assign(float(value))
 
         def get_config(self) -> dict[str, Any]:
-            return {"stepsize": float(stepsize), "lr_min": lr_min, "lr_max": lr_max}
+            return {}
 
-    return CyclicalLearningRate()
+    return FoldLearningRate()
+
+
+def clr_bounds(lrs: list[float], uas: list[float]) -> tuple[float, float] | None:
+    """The CLR bounds from a range test (paper, "Model training"): "the learning rate leading
+    to the obvious increase of the UA and the one resulting in the decrease of the UA are
+    selected as the minimal and the maximal learning rates".
+
+    Read on the curve smoothed by a 3-point moving average (one validation speaker is
+    noisy): lr_max is the learning rate at the curve's peak, after which the UA decreases;
+    lr_min the first one at which the UA has made half of its rise from the first point to
+    the peak (the point before the peak if that is the peak itself). None when the UA
+    never rises above its first value.
+    """
+    ua = np.asarray(uas, np.float64)
+    padded = np.concatenate([ua[:1], ua, ua[-1:]])
+    smooth = (padded[:-2] + padded[1:-1] + padded[2:]) / 3.0
+    peak = int(np.argmax(smooth))
+    rise = smooth[peak] - smooth[0]
+    if peak == 0 or rise <= 1e-9:
+        return None
+    low = int(np.argmax(smooth - smooth[0] >= rise / 2))
+    low = min(low, peak - 1)
+    return float(lrs[low]), float(lrs[peak])
 
 
 # --- variable-length batches ------------------------------------------------------------
@@ -132,7 +188,7 @@ def batches(
 
 
 def configure(train: dict[str, Any]) -> Any:
-    """Op determinism, the precision policy, and the distribution strategy.
+    """Op determinism, one thread per op, the precision policy, and the distribution strategy.
 
     Several GPUs: `tf.distribute.MirroredStrategy` over all of them (data parallel,
     `train.batch_frames` is the global batch). Otherwise the default strategy: the
@@ -141,6 +197,10 @@ def configure(train: dict[str, Any]) -> Any:
     import keras
     import tensorflow as tf
 
+    try:  # one thread per op: results do not depend on how many folds train at once
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+    except RuntimeError:  # TensorFlow already running in this process: already set
+        pass
     tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(
         "mixed_float16" if train["mixed_precision"] else "float32"
@@ -225,10 +285,12 @@ class RowTrainer:
         self.build = lambda: build_model(model_params, n_classes, n_mels=n_mels)
         default = configure(train)  # also sets op determinism and the precision policy
         self.strategy = strategy = strategy or default
+        self.fixed_bounds = (train["lr_min"], train["lr_max"])
+        self.margin_warmup = heads["arcface"]["margin_warmup"] if model_params["head"] == "arcface" else 0
         with strategy.scope():
-            self.stepsize = tf.Variable(1.0, trainable=False, name="clr_stepsize")  # set per fold
+            self.schedule = learning_rate_schedule()  # set per fold
             self.model = self.build()
-            optimizer = keras.optimizers.Adam(_clr_schedule(self.stepsize, train["lr_min"], train["lr_max"]))
+            optimizer = keras.optimizers.Adam(self.schedule)
             if train["mixed_precision"]:
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
             optimizer.build(self.model.trainable_variables)  # else the first step is traced twice
@@ -237,11 +299,19 @@ class RowTrainer:
         loss_fn = per_sample_loss(model_params["head"], heads["arcface"], heads["softmax"])
         model, variables = self.model, self.model.trainable_variables
 
+        self.margin_warmup_steps = tf.Variable(0.0, trainable=False, name="margin_warmup_steps")
+
+        def margin_fraction() -> Any:
+            """The ArcFace margin's share of m at this step: a linear ramp over the warm-up."""
+            warmup = self.margin_warmup_steps
+            done = tf.cast(optimizer.iterations, tf.float32) / tf.maximum(warmup, 1.0)
+            return tf.where(warmup > 0, tf.minimum(done, 1.0), 1.0)
+
         def replica_step(x: Any, lengths: Any, y: Any, w: Any, count: Any) -> Any:
             """Weighted loss summed over this replica's utterances / the global batch size."""
             with tf.GradientTape() as tape:
                 out = model({"features": x, "lengths": lengths}, training=True)
-                loss = tf.reduce_sum(loss_fn(y, out) * w) / count
+                loss = tf.reduce_sum(loss_fn(y, out, margin_fraction()) * w) / count
                 scaled = optimizer.scale_loss(loss) if train["mixed_precision"] else loss
             grads = tape.gradient(scaled, variables)
             optimizer.apply_gradients(zip(grads, variables, strict=True))  # all-reduced (sum)
@@ -258,6 +328,7 @@ class RowTrainer:
                 return replica_step(x, lengths, y, w, tf.cast(tf.size(y), tf.float32))
 
             self.train_step = train_step
+            train_step.get_concrete_function()  # traced here, under the caller's KERAS_GLOBALS
         else:
             @tf.function(jit_compile=train["xla"], reduce_retracing=True)
             def mirrored_step(x: Any, lengths: Any, y: Any, w: Any, count: Any) -> Any:
@@ -266,6 +337,7 @@ class RowTrainer:
 
             self.train_step = lambda *batch: mirrored_step(*self.shard(*batch))
         self.predict = Predictor(model, model_params["head"], heads["arcface"])
+        self.predict.probabilities.get_concrete_function()
 
     def shard(self, x: np.ndarray, lengths: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple:
         """Split a batch into one equal part per replica; the padding copies weigh 0."""
@@ -283,14 +355,21 @@ class RowTrainer:
 
         return (*map(per_replica, parts), np.float32(len(y)))
 
-    def start_fold(self, seed: int, steps_per_epoch: int) -> None:
-        """Fresh weights exactly as `build_model` after `set_random_seed(seed)`; fresh Adam state."""
+    def start_fold(self, seed: int, steps_per_epoch: int, bounds: tuple[float, float] | None = None,
+                   sweep_steps: int = 0) -> None:
+        """Fresh weights exactly as `build_model` after `set_random_seed(seed)`; fresh Adam state;
+        the CLR between `bounds` (default: train.lr_min, lr_max) with stepsize = one epoch, or,
+        with `sweep_steps`, the range test's sweep from bounds[0] to bounds[1] over that many steps."""
         import keras
 
-        keras.utils.set_random_seed(seed)
-        self.model.set_weights(self.build().get_weights())
+        with KERAS_GLOBALS:
+            keras.utils.set_random_seed(seed)
+            initial = self.build().get_weights()
+        self.model.set_weights(initial)
         self.set_state({"optimizer": self.initial_optimizer})
-        self.stepsize.assign(float(steps_per_epoch))
+        lr_min, lr_max = bounds or self.fixed_bounds
+        self.schedule.set(lr_min, lr_max, steps_per_epoch, sweep_steps)
+        self.margin_warmup_steps.assign(float(self.margin_warmup * steps_per_epoch))
 
     def state(self) -> dict[str, list[np.ndarray]]:
         return {"weights": self.model.get_weights(),
@@ -309,6 +388,10 @@ class TrainingDiverged(UserError):
     def __init__(self, message: str, fold: int):
         super().__init__(message)
         self.fold = fold
+
+
+class FoldStopped(Exception):
+    """The stage is stopping: this fold leaves its last completed epoch for a resume."""
 
 
 def save_epoch(path: Path, progress: dict[str, Any], state: dict[str, list[np.ndarray]],
@@ -334,6 +417,52 @@ def load_epoch(path: Path) -> tuple[dict[str, Any], dict[str, list[np.ndarray]],
         return progress, {"weights": listed("weights_"), "optimizer": listed("optimizer_")}, listed("best_")
 
 
+def run_range_test(
+    trainer: RowTrainer, train: dict[str, Any], frames: np.ndarray, members: dict[str, pd.DataFrame],
+    labels: dict[str, np.ndarray], weights: np.ndarray, seed: int, mean: np.ndarray, std: np.ndarray,
+) -> list[dict[str, float]]:
+    """The paper's learning-rate range test on the fold's training and validation speakers.
+
+    `range_test.epochs` epochs whose learning rate grows geometrically from `lr_start` to
+    `lr_end`; at `range_test.points` evenly spaced steps the UA is measured on a fixed
+    sample of the training utterances (the training curve the bounds are read from:
+    it sees hundreds of utterances where the validation speaker has a few dozen) and on
+    the validation speaker (recorded for the plot). Returns one {step, lr, train_loss,
+    train_ua, val_ua} per point, up to the first non-finite loss.
+    """
+    sweep = train["range_test"]
+    steps = len(length_batches(members["train"]["frames"].to_numpy(), train["batch_frames"]))
+    total = sweep["epochs"] * steps
+    marks = {max(1, round(k * total / sweep["points"])) for k in range(1, sweep["points"] + 1)}
+    trainer.start_fold(seed, steps, (sweep["lr_start"], sweep["lr_end"]), sweep_steps=total)
+    rng = np.random.default_rng([seed, 1])
+    n_train = len(members["train"])
+    sample = np.sort(rng.permutation(n_train)[:RANGE_TEST_SAMPLE])
+    probe = {"train": (members["train"].iloc[sample], labels["train"][sample]),
+             "val": (members["val"], labels["val"])}
+    curve, step, losses = [], 0, []
+    for _ in range(sweep["epochs"]):
+        for x, lengths, idx in batches(frames, members["train"], mean, std, train["batch_frames"], rng):
+            if STOP.is_set():
+                raise FoldStopped(seed)
+            y = labels["train"][idx].astype(np.int32)
+            losses.append(trainer.train_step(x, lengths, y, weights[y]))
+            step += 1
+            if step not in marks:
+                continue
+            loss = float(np.mean([float(v) for v in losses]))
+            if not math.isfinite(loss):
+                return curve  # diverged: the learning rates from here on are too large
+            point = {"step": step, "lr": float(range_test_lr(step - 1, total, sweep["lr_start"],
+                                                            sweep["lr_end"])), "train_loss": loss}
+            for role, (rows, truth) in probe.items():
+                probs = trainer.predict(frames, rows, mean, std, train["batch_frames"])
+                point[f"{role}_ua"] = unweighted_accuracy(truth, probs.argmax(axis=1))
+            curve.append(point)
+            losses = []
+    return curve
+
+
 def fit_fold(
     trainer: RowTrainer, train: dict[str, Any], frames: np.ndarray,
     members: dict[str, pd.DataFrame], labels: dict[str, np.ndarray], n_classes: int,
@@ -342,9 +471,13 @@ def fit_fold(
     """Train one fold; return the weights at its best validation UA, the history and stats.
 
     `members` holds the fold's "train" and "val" rows only: the test speaker is
-    not an argument, so it cannot influence training or checkpoint selection.
-    With `checkpoint`, the state after each epoch is kept there and a later call
-    continues from it, with the same result as an uninterrupted fold.
+    not an argument, so it cannot influence training, the range test or checkpoint
+    selection. With `train.lr_policy` range_test the CLR bounds come from the range
+    test (`stats["range_test"]` holds its curve), else from train.lr_min/lr_max.
+    Training stops after `train.patience` epochs without a better validation UA, or
+    at `train.max_epochs`. With `checkpoint`, the state after each epoch is kept
+    there and a later call continues from it, with the same result as an
+    uninterrupted fold.
     """
     seed = train["seed"] * 1000 + fold
     rng = np.random.default_rng(seed)
@@ -352,21 +485,38 @@ def fit_fold(
     mean, std = standardization(frames, stats_rows)
     weights = class_weights(labels["train"], n_classes, train["class_weight_alpha"]).astype(np.float32)
     steps = len(length_batches(members["train"]["frames"].to_numpy(), train["batch_frames"]))
-    trainer.start_fold(seed, steps)
 
-    progress = {"epoch": 0, "history": [], "best_ua": -1.0, "best_epoch": 0, "waited": 0}
-    best_weights = trainer.model.get_weights()
-    if checkpoint is not None and checkpoint.exists():
+    progress: dict[str, Any] = {"epoch": 0, "history": [], "best_ua": -1.0, "best_epoch": 0, "waited": 0}
+    resumed = checkpoint is not None and checkpoint.exists()
+    if resumed:
         progress, state, best_weights = load_epoch(checkpoint)
-        trainer.set_state(state)
         rng.bit_generator.state = progress.pop("rng")
         print(f"row {row}, fold {fold}: resuming after epoch {progress['epoch']}")
+    else:
+        progress["range_test"], progress["bounds"] = [], list(trainer.fixed_bounds)
+        progress["lr_source"] = "fixed"
+        if train["lr_policy"] == "range_test":
+            curve = run_range_test(trainer, train, frames, members, labels, weights, seed, mean, std)
+            found = clr_bounds([p["lr"] for p in curve], [p["train_ua"] for p in curve])
+            progress["range_test"] = curve
+            if found is not None:
+                progress["bounds"], progress["lr_source"] = list(found), "range_test"
+            else:
+                progress["lr_source"] = "fixed: the range test's UA never rose"
+    trainer.start_fold(seed, steps, tuple(progress["bounds"]))
+    if resumed:
+        trainer.set_state(state)
+    else:
+        best_weights = trainer.model.get_weights()
+    lr_min, lr_max = progress["bounds"]
     while progress["epoch"] < train["max_epochs"]:
         if train["patience"] and progress["waited"] >= train["patience"]:
             break
         epoch = progress["epoch"] + 1
         losses = []
         for x, lengths, idx in batches(frames, members["train"], mean, std, train["batch_frames"], rng):
+            if STOP.is_set():
+                raise FoldStopped(fold)
             y = labels["train"][idx].astype(np.int32)
             losses.append(trainer.train_step(x, lengths, y, weights[y]))  # no host sync per step
         loss = float(np.mean([float(v) for v in losses]))
@@ -378,7 +528,7 @@ def fit_fold(
             )
         probs = trainer.predict(frames, members["val"], mean, std, train["batch_frames"])
         val_ua = unweighted_accuracy(labels["val"], probs.argmax(axis=1))
-        lr = float(cyclical_lr(steps * epoch, steps, train["lr_min"], train["lr_max"]))
+        lr = float(cyclical_lr(steps * epoch, steps, lr_min, lr_max))
         progress["history"].append({"epoch": epoch, "train_loss": loss, "val_ua": val_ua, "lr": lr})
         progress["epoch"] = epoch
         if val_ua > progress["best_ua"]:
@@ -390,6 +540,8 @@ def fit_fold(
             save_epoch(checkpoint, progress | {"rng": rng.bit_generator.state}, trainer.state(),
                        best_weights)
     stats = {"best_epoch": progress["best_epoch"], "val_ua": progress["best_ua"],
+             "epochs": progress["epoch"], "lr_min": lr_min, "lr_max": lr_max,
+             "lr_source": progress["lr_source"], "range_test": progress["range_test"],
              "mean": mean.tolist(), "std": std.tolist()}
     return best_weights, progress["history"], stats
 
@@ -428,10 +580,30 @@ def encode_labels(rows: pd.DataFrame, classes: list[str]) -> np.ndarray:
     return rows["emotion"].map(lookup).to_numpy(np.int64)
 
 
+def code_digest() -> str:
+    """A hash of every module of this library: a fold trained by other code is never reused."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def fold_key(*parts: Any) -> str:
     """A content hash of everything a fold's result depends on (for resuming)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def fold_workers(runtime: dict[str, Any], n_folds: int) -> int:
+    """Folds trained at once: `runtime.workers` (0 = one per core); one on a GPU."""
+    import os
+
+    import tensorflow as tf
+
+    if tf.config.list_logical_devices("GPU"):
+        return 1
+    return max(1, min(n_folds, runtime["workers"] or os.cpu_count() or 1))
 
 
 def train_row(
@@ -440,11 +612,18 @@ def train_row(
 ) -> list[dict[str, Any]]:
     """Train every selected fold of one ablation row into `out`.
 
-    Each finished fold is also kept under `resume_dir/<key>/`, keyed by a hash of
-    its inputs, and the fold in progress keeps its state after every epoch, so an
-    interrupted stage resumes from the last completed epoch.
+    Folds are independent: `runtime.workers` threads train them at once, each with its
+    own traced model, and every TensorFlow op runs on one thread (see `configure`), so
+    the result does not depend on how many train at once. Each finished fold is kept
+    under `resume_dir/<key>/` and the fold in progress keeps its state after every
+    epoch, so an interrupted stage resumes from the last completed epoch; the key
+    hashes the row's parameters, the fold, the feature values and this library's code,
+    so a changed input or code never gets an old fold back. The row's resume state is
+    removed once every fold is done.
     """
-    from mdser.stores import open_features, read_meta
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mdser.stores import FEATURES_FILE, open_features, read_meta, sha256_file
 
     index, frames = open_features(feature_store)
     meta = read_meta(feature_store)
@@ -458,32 +637,58 @@ def train_row(
     if train["folds"] > len(folds):
         raise UserError(f"train.folds = {train['folds']}, but the corpus has only {len(folds)} folds")
     heads = {"arcface": params["arcface"], "softmax": params["softmax"]}
-    results, trainer = [], None
+    inputs = [model_params, train, heads, meta, sha256_file(feature_store / FEATURES_FILE), code_digest(),
+              classes]
+    keys = {fold["fold"]: fold_key(*inputs, fold) for fold in folds[: train["folds"]]}
     resume_dir.mkdir(parents=True, exist_ok=True)
-    for fold in folds[: train["folds"]]:
+    selected = folds[: train["folds"]]
+    pending = [f for f in selected if not (resume_dir / keys[f["fold"]] / "fold.json").exists()]
+    configure(train)
+    trainers: dict[int, RowTrainer] = {}
+
+    def train_fold(fold: dict[str, Any]) -> None:
+        thread = threading.get_ident()
+        if thread not in trainers:
+            with KERAS_GLOBALS:
+                trainers[thread] = RowTrainer(model_params, train, heads, len(classes), frames.shape[1])
+        trainer, key = trainers[thread], keys[fold["fold"]]
         members = fold_members(index, fold)
-        key = fold_key(model_params, train, heads, meta, fold, classes)
+        fit_members = {"train": members["train"], "val": members["val"], "all": index}
+        labels = {r: encode_labels(members[r], classes) for r in ("train", "val")}
+        best, history, stats = fit_with_smaller_batches_on_oom(
+            trainer, train, frames, fit_members, labels, len(classes), fold["fold"], row,
+            checkpoint=resume_dir / f"{key}.epoch",
+        )
         done = resume_dir / key
-        if not (done / "fold.json").exists():
-            if trainer is None:
-                trainer = RowTrainer(model_params, train, heads, len(classes), frames.shape[1])
-            fit_members = {"train": members["train"], "val": members["val"], "all": index}
-            labels = {r: encode_labels(members[r], classes) for r in ("train", "val")}
-            best, history, stats = fit_with_smaller_batches_on_oom(
-                trainer, train, frames, fit_members, labels, len(classes), fold["fold"], row,
-                checkpoint=resume_dir / f"{key}.epoch",
-            )
-            tmp = done.with_name(key + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            trainer.model.set_weights(best)
-            trainer.model.save_weights(tmp / "model.weights.h5")
-            pd.DataFrame(history).to_csv(tmp / "history.csv", index=False, lineterminator="\n")
-            stats |= {"fold": fold["fold"], "device": device_name(), "replicas": trainer.replicas}
-            (tmp / "fold.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-            shutil.rmtree(done, ignore_errors=True)
-            tmp.rename(done)
+        tmp = done.with_name(key + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainer.model.set_weights(best)
+        trainer.model.save_weights(tmp / "model.weights.h5")
+        pd.DataFrame(history).to_csv(tmp / "history.csv", index=False, lineterminator="\n")
+        curve = stats.pop("range_test")
+        pd.DataFrame(curve, columns=["step", "lr", "train_loss", "train_ua", "val_ua"]).to_csv(
+            tmp / "range_test.csv", index=False, lineterminator="\n")
+        stats |= {"fold": fold["fold"], "device": device_name(), "replicas": trainer.replicas}
+        (tmp / "fold.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        shutil.rmtree(done, ignore_errors=True)
+        tmp.rename(done)
+
+    with ThreadPoolExecutor(fold_workers(params["runtime"], len(pending)), "fold") as pool:
+        futures = [pool.submit(train_fold, fold) for fold in pending]
+        try:
+            for future in futures:
+                future.result()  # in fold order
+        except BaseException:  # an error, or a signal: the other folds stop at their next batch
+            STOP.set()
+            for future in futures:
+                future.cancel()
+            raise
+    results = []
+    for fold in folds[: train["folds"]]:
         target = out / f"fold_{fold['fold']}"
-        shutil.copytree(done, target)
+        shutil.copytree(resume_dir / keys[fold["fold"]], target)
         results.append(json.loads((target / "fold.json").read_text()))
+    for key in keys.values():
+        shutil.rmtree(resume_dir / key)
     return results

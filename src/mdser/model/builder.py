@@ -112,18 +112,32 @@ def check_model_params(model: Mapping, n_mels: int = 40) -> dict:
 
 
 def conv_unit(x, lengths, filters: int, kernel: tuple[int, int], dilation: tuple[int, int],
-              name: str):
-    """Conv2D ('same') + bias -> LeakyReLU -> re-zero the padded frames."""
+              name: str, mask: bool = True):
+    """Conv2D ('same') + bias -> LeakyReLU, then re-zero the padded frames when the next
+    layer mixes frames (a 1x3 or 5x3 convolution); a 5x1 convolution, a 2x2 pooling of
+    real frames and SPP/GMP never read a padded frame into a real one."""
     x = layers.Conv2D(filters, kernel, padding="same", dilation_rate=dilation,
                       kernel_initializer="he_uniform", name=name)(x)
     x = layers.LeakyReLU(LEAKY_SLOPE, name=f"{name}_act")(x)
-    return MaskFrames(name=f"{name}_mask")(x, lengths)
+    return MaskFrames(name=f"{name}_mask")(x, lengths) if mask else x
 
 
 def ff_branch(x, lengths, filters: int, dilation: int, name: str):
-    """Filter factorisation of a 5x3 conv (Fig. 4): 5x1 (dilation (d, 1)) -> 1x3 (1, d)."""
+    """Filter factorisation of a 5x3 conv (Fig. 4): 5x1 (dilation (d, 1)) -> 1x3 (1, d).
+    Only the 1x3 convolution's input needs zeroed padding."""
     x = conv_unit(x, lengths, filters, (FREQ_KERNEL, 1), (dilation, 1), f"{name}_5x1")
-    return conv_unit(x, lengths, filters, (1, TIME_KERNEL), (1, dilation), f"{name}_1x3")
+    return conv_unit(x, lengths, filters, (1, TIME_KERNEL), (1, dilation), f"{name}_1x3", mask=False)
+
+
+def mdcb(x, lengths, filters: int, dilations: tuple[int, ...], merge: str, name: str):
+    """The multi-dilated convolution block (Fig. 4): one FF branch per dilation rate, merged
+    by element-wise sum (``merge`` = sum) or channel concatenation (concat)."""
+    branches = [ff_branch(x, lengths, filters, d, f"{name}_d{d}") for d in dilations]
+    if len(branches) == 1:
+        return branches[0]
+    if merge == "sum":
+        return layers.Add(name=f"{name}_sum")(branches)
+    return layers.Concatenate(axis=-1, name=f"{name}_concat")(branches)
 
 
 def initial_layer(features, lengths, conv: str, filters: int):
@@ -131,32 +145,30 @@ def initial_layer(features, lengths, conv: str, filters: int):
     'valid' max pooling (40 -> 20 bands, L -> floor(L / 2) frames). Returns (x, lengths)."""
     if conv == "plain":
         x = conv_unit(features, lengths, filters, (FREQ_KERNEL, TIME_KERNEL), (1, 1),
-                      "layer1_5x3")
+                      "layer1_5x3", mask=False)
     else:
         x = ff_branch(features, lengths, filters, 1, "layer1")
     x = MaxPool2x2(name="layer1_pool")(x)
     lengths = PoolLengths(2, name="layer1_pool_lengths")(lengths)
-    return MaskFrames(name="layer1_pool_mask")(x, lengths), lengths
+    if conv == "plain":  # the next 5x3 convolution mixes frames
+        x = MaskFrames(name="layer1_pool_mask")(x, lengths)
+    return x, lengths
 
 
 def conv_stack(x, lengths, conv: str, filters: int, merge: str = "sum"):
     """Layers 2-8 (paper Table 1 'CNN section'), all at the pooled resolution.
 
     plain: 5x3 conv; ff: FF 5x1 -> 1x3; dilated: FF with dilation 2; mdcb: 7 multi-dilated
-    conv blocks (Fig. 4) whose FF branches are merged by ``merge`` (sum | concat).
+    conv blocks (Fig. 4) whose FF branches are merged by ``merge`` (sum | concat). One-branch
+    blocks are the FF layers of the other variants.
     """
     for k, dilations in enumerate(dilation_schedule(conv), start=2):
         if conv == "plain":
+            last = k == N_STACK + 1  # SPP/GMP read real frames only
             x = conv_unit(x, lengths, filters, (FREQ_KERNEL, TIME_KERNEL), (1, 1),
-                          f"layer{k}_5x3")
-            continue
-        branches = [ff_branch(x, lengths, filters, d, f"layer{k}_d{d}") for d in dilations]
-        if len(branches) == 1:
-            x = branches[0]
-        elif merge == "sum":
-            x = layers.Add(name=f"layer{k}_sum")(branches)
+                          f"layer{k}_5x3", mask=not last)
         else:
-            x = layers.Concatenate(axis=-1, name=f"layer{k}_concat")(branches)
+            x = mdcb(x, lengths, filters, dilations, merge, f"layer{k}")
     return x
 
 
@@ -208,23 +220,24 @@ def attention_weights(model: keras.Model) -> keras.Model:
 
 
 def per_sample_loss(head: str, arcface: Mapping, softmax: Mapping) -> Callable:
-    """``loss(labels (B,) int, outputs (B, C)) -> (B,)`` for the head.
+    """``loss(labels (B,) int, outputs (B, C), margin_fraction=1) -> (B,)`` for the head.
 
     softmax: cross-entropy of the logits with ``softmax['label_smoothing']``.
-    arcface: cross-entropy of the ArcFace logits (Eq. 12-14, margin ``m``, scale ``s``).
+    arcface: cross-entropy of the ArcFace logits (Eq. 12-14, scale ``s``) with the margin
+    ``margin_fraction * m``: training ramps it from 0 to ``m`` (``arcface.margin_warmup``).
     """
     if head == "softmax":
-        smoothing = float(softmax.get("label_smoothing", 0.0))
+        smoothing = float(softmax["label_smoothing"])
 
-        def softmax_loss(labels, logits):
+        def softmax_loss(labels, logits, margin_fraction=1.0):
             return sparse_cross_entropy(labels, logits, smoothing)
 
         return softmax_loss
     if head == "arcface":
         m, s = float(arcface["m"]), float(arcface["s"])
 
-        def arcface_loss(labels, cosines):
-            return sparse_cross_entropy(labels, arcface_logits(cosines, labels, m, s))
+        def arcface_loss(labels, cosines, margin_fraction=1.0):
+            return sparse_cross_entropy(labels, arcface_logits(cosines, labels, margin_fraction * m, s))
 
         return arcface_loss
     raise ValueError(f"model.head must be one of {HEADS}, got {head!r}")

@@ -5,9 +5,9 @@ zero-padded along time. Each layer that looks at the time axis takes the true nu
 frames per utterance, ``lengths`` (batch,), so that an utterance padded inside a batch gives
 the same output as the same utterance alone:
 
-* ``MaskFrames`` re-zeroes the padded frames. The builder applies it after every
-  convolution (+ bias + LeakyReLU), because bias and activation turn padded zeros into
-  non-zeros that the next 'same' convolution would carry into the last real frames.
+* ``MaskFrames`` re-zeroes the padded frames. The builder applies it before every
+  convolution that mixes frames (1x3, 5x3), because bias and activation turn padded zeros
+  into non-zeros that a 'same' convolution along time would carry into the last real frames.
 * ``PoolLengths`` carries the true length through a valid max pooling (floor(L / 2)).
 * ``MaskedGlobalMaxPooling`` and ``SpatialPyramidPooling`` only look at real frames.
 
@@ -251,22 +251,24 @@ class CosineClassifier(keras.layers.Layer):
         return {**super().get_config(), "n_classes": self.n_classes}
 
 
-def arcface_logits(cosines, labels, m: float, s: float):
+def arcface_logits(cosines, labels, m, s: float):
     """ArcFace logits (paper Eq. 13): s*cos(theta_y + m) for the target, s*cos(theta_j) else.
 
     The target uses the numerically safe form of the reference implementations
     (insightface): with th = cos(pi - m) and mm = sin(pi - m) * m,
     phi = cos(theta + m) if cos(theta) > th (i.e. theta + m < pi) else cos(theta) - mm,
     which keeps the target logit decreasing in theta beyond pi - m. cos(theta) is clipped
-    to [-1 + eps, 1 - eps] before the square root.
+    to [-1 + eps, 1 - eps] before the square root. ``m`` may be a tensor (the margin
+    warm-up of training).
     """
     cosines = ops.cast(cosines, "float32")
+    m = ops.cast(m, "float32")
     n_classes = cosines.shape[-1]
     cos_t = ops.clip(cosines, -1.0 + ARCFACE_EPS, 1.0 - ARCFACE_EPS)
     sin_t = ops.sqrt(1.0 - ops.square(cos_t))
-    cos_t_plus_m = cos_t * math.cos(m) - sin_t * math.sin(m)
-    th = math.cos(math.pi - m)
-    mm = math.sin(math.pi - m) * m
+    cos_t_plus_m = cos_t * ops.cos(m) - sin_t * ops.sin(m)
+    th = ops.cos(math.pi - m)
+    mm = ops.sin(math.pi - m) * m
     phi = ops.where(cos_t > th, cos_t_plus_m, cos_t - mm)
     target = ops.cast(ops.one_hot(ops.cast(labels, "int32"), n_classes), "bool")
     return s * ops.where(target, phi, cosines)

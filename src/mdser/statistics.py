@@ -1,0 +1,117 @@
+"""Intervals and paired tests over speaker folds, so that the table can rank its rows.
+
+Every ablation row is tested on the same speakers (one fold per test speaker), so
+two rows are compared *paired*, fold by fold. Three small pieces:
+
+* `t_interval`: the Student-t confidence interval of a row's mean UA over folds;
+* `bootstrap_interval`: a paired bootstrap percentile interval of the mean of the
+  per-fold differences between two rows (fixed seed: deterministic);
+* `wilcoxon_p`: the two-sided Wilcoxon signed-rank p-value of those differences,
+  with `smallest_wilcoxon_p`, the lowest p that n folds can give at all.
+
+`paired_comparison` puts them together for one ablation step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+DECIMALS = 12  # differences are rounded to this many decimals: equal UAs give exact zeros and ties
+
+
+def t_interval(values: Any, confidence: float) -> tuple[float, float] | None:
+    """The `confidence` Student-t interval of the mean of `values`.
+
+    mean ± t_{(1 + confidence) / 2, n - 1} · s / √n, with s the sample standard
+    deviation (ddof = 1). None for fewer than 2 values (no interval exists); a
+    degenerate [mean, mean] when all values are equal.
+    """
+    from scipy import stats
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return None
+    mean = float(x.mean())
+    half = float(stats.t.ppf((1 + confidence) / 2, x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return mean - half, mean + half
+
+
+def bootstrap_interval(
+    differences: Any, confidence: float, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean of paired `differences`.
+
+    Each of `resamples` resamples draws n folds with replacement (the pairs stay
+    together: the differences are resampled, not the two rows separately), from
+    `numpy.random.default_rng(seed)`; the interval is the (1 - confidence) / 2 and
+    (1 + confidence) / 2 quantiles (linear interpolation) of the resampled means.
+    None for fewer than 2 differences.
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    if d.size < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, d.size, size=(resamples, d.size))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(lo), float(hi)
+
+
+def wilcoxon_p(differences: Any) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired `differences` (scipy).
+
+    Zero differences are dropped (Wilcoxon's convention, scipy's default); the p
+    is exact for n ≤ 50 distinct nonzero differences, from all sign permutations
+    when there are ties or zeros (n ≤ 13). 1.0 when no nonzero difference is left
+    (the two rows agree on every fold: no evidence of a difference).
+    """
+    from scipy import stats
+
+    d = np.round(np.asarray(differences, dtype=np.float64), DECIMALS)
+    if not np.any(d != 0):
+        return 1.0
+    return float(stats.wilcoxon(d).pvalue)
+
+
+def smallest_wilcoxon_p(differences: Any) -> float:
+    """The lowest two-sided Wilcoxon p that these many nonzero differences can reach.
+
+    With n nonzero differences, the most extreme outcome (all of one sign) has
+    probability 2 / 2^n under the null, so p < 2 / 2^n is impossible: with 3 folds
+    no difference can be significant at 5 %. 1.0 when all differences are zero.
+    """
+    n = int(np.count_nonzero(np.round(np.asarray(differences, dtype=np.float64), DECIMALS)))
+    return min(1.0, 2.0 / 2**n)
+
+
+def paired_comparison(
+    row_ua: Any, base_ua: Any, confidence: float,
+    resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+) -> dict[str, Any]:
+    """One ablation step: a row's fold UAs against its base row's, fold by fold.
+
+    `row_ua` and `base_ua` are aligned (same test speakers, same order). Returns the
+    number of folds `n`, the mean difference `delta` (row − base), its paired
+    bootstrap interval `ci_low`/`ci_high` (None below 2 folds), the Wilcoxon `p`, the
+    smallest attainable `p_min`, and `significant`: the interval excludes 0 (None
+    when there is no interval).
+    """
+    a, b = np.asarray(row_ua, dtype=np.float64), np.asarray(base_ua, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired fold UAs must be two equal-length, non-empty lists: {a.shape}, {b.shape}")
+    d = np.round(a - b, DECIMALS)  # a fold both rows got equally right is an exact 0
+    interval = bootstrap_interval(d, confidence, resamples, seed)
+    return {
+        "n": int(d.size),
+        "delta": float(d.mean()),
+        "ci_low": None if interval is None else interval[0],
+        "ci_high": None if interval is None else interval[1],
+        "p": wilcoxon_p(d),
+        "p_min": smallest_wilcoxon_p(d),
+        "significant": None if interval is None else bool(interval[0] > 0 or interval[1] < 0),
+    }

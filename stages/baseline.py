@@ -1,0 +1,65 @@
+"""DVC stage `baseline`: logistic regression on per-utterance log-mel statistics, the
+floor of every ablation table, on the same speaker folds as the CNN rows.
+
+    python stages/baseline.py data/features data/splits.json results/baseline \
+        metrics/rows/baseline.json
+
+Writes results/baseline/{predictions.csv,summary.json} in evaluate's formats (plus
+selection.json: the C picked per fold), metrics/rows/baseline.json like evaluate's,
+and logs the parent run "baseline" with one child run per fold to MLflow.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from mdser.baseline import ROW, baseline_predictions
+from mdser.errors import run_stage
+from mdser.evaluation import confusion_figure, summarize
+from mdser.params import load_params
+from mdser.splits import read_folds
+from mdser.stores import atomic_dir, tree_hash
+from mdser.tracking import baseline_tags, log_row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("features", type=Path)
+    parser.add_argument("folds", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("metrics", type=Path)
+    args = parser.parse_args()
+    params = load_params()
+    folds_doc = read_folds(args.folds)
+    corpus, classes = params["data"]["corpus"], folds_doc["classes"]
+
+    predictions, selection = baseline_predictions(params, args.features, folds_doc)
+    summary = summarize(predictions, classes, params["ablation"]["confidence"])
+    with atomic_dir(args.out) as out:
+        predictions.to_csv(out / "predictions.csv", index=False, lineterminator="\n")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        (out / "selection.json").write_text(json.dumps(selection, indent=2, sort_keys=True) + "\n")
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    row_metrics = {k: summary[k] for k in ("ua_mean", "ua_std", "wa_mean", "wa_std", "pooled_ua")}
+    row_metrics["folds"] = {str(f["fold"]): {"ua": f["ua"], "wa": f["wa"]} for f in summary["folds"]}
+    args.metrics.write_text(json.dumps(row_metrics, indent=2, sort_keys=True) + "\n")
+
+    fold_ids = [f["fold"] for f in summary["folds"]]
+    figures = {k: confusion_figure(predictions[predictions["fold"] == k], classes) for k in fold_ids}
+    histories = {k: pd.DataFrame({"epoch": []}) for k in fold_ids}  # no epochs: nothing to plot
+    run_params = {"baseline": params["baseline"], "data": {"corpus": corpus},
+                  "train": {k: params["train"][k] for k in ("folds", "standardize")}}
+    log_row(corpus, ROW, run_params, summary, histories, predictions, figures,
+            baseline_tags("baseline", tree_hash(args.features / "meta.json", args.folds)),
+            f"{params['mlflow']['experiment_prefix']}-{corpus}",
+            texts={"selection.json": json.dumps(selection, indent=2, sort_keys=True)},
+            fold_params={s["fold"]: {"C": str(s["C"])} for s in selection})
+    chosen = ", ".join(f"fold {s['fold']}: C = {s['C']:g}" for s in selection)
+    print(f"{ROW}: test UA {100 * summary['ua_mean']:.2f} ± {100 * summary['ua_std']:.2f} "
+          f"over {len(summary['folds'])} folds ({chosen})")
+
+
+if __name__ == "__main__":
+    run_stage(main)
