@@ -606,6 +606,23 @@ def fold_workers(runtime: dict[str, Any], n_folds: int) -> int:
     return max(1, min(n_folds, runtime["workers"] or os.cpu_count() or 1))
 
 
+def train_in_threads(train_fold: Any, folds: list[dict[str, Any]], workers: int) -> None:
+    """`train_fold` for every fold, `workers` at a time; the first error (or a signal in
+    this thread) stops the others at their next batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers, "fold") as pool:
+        futures = [pool.submit(train_fold, fold) for fold in folds]
+        try:
+            for future in futures:
+                future.result()  # in fold order
+        except BaseException:
+            STOP.set()
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def train_row(
     params: dict[str, Any], row: str, model_params: dict[str, Any], feature_store: Path,
     folds_doc: dict[str, Any], out: Path, resume_dir: Path,
@@ -621,8 +638,6 @@ def train_row(
     so a changed input or code never gets an old fold back. The row's resume state is
     removed once every fold is done.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from mdser.stores import FEATURES_FILE, open_features, read_meta, sha256_file
 
     index, frames = open_features(feature_store)
@@ -674,16 +689,12 @@ def train_row(
         shutil.rmtree(done, ignore_errors=True)
         tmp.rename(done)
 
-    with ThreadPoolExecutor(fold_workers(params["runtime"], len(pending)), "fold") as pool:
-        futures = [pool.submit(train_fold, fold) for fold in pending]
-        try:
-            for future in futures:
-                future.result()  # in fold order
-        except BaseException:  # an error, or a signal: the other folds stop at their next batch
-            STOP.set()
-            for future in futures:
-                future.cancel()
-            raise
+    workers = fold_workers(params["runtime"], len(pending))
+    if workers == 1:  # in this thread: a signal stops the fold where it is
+        for fold in pending:
+            train_fold(fold)
+    else:
+        train_in_threads(train_fold, pending, workers)
     results = []
     for fold in folds[: train["folds"]]:
         target = out / f"fold_{fold['fold']}"
