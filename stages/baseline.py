@@ -17,7 +17,7 @@ import pandas as pd
 
 from mdser.baseline import ROW, baseline_predictions
 from mdser.errors import run_stage
-from mdser.evaluation import confusion_figure, summarize
+from mdser.evaluation import confusion_figure, row_metrics, summarize
 from mdser.params import load_params
 from mdser.splits import read_folds
 from mdser.stores import atomic_dir, tree_hash
@@ -42,9 +42,7 @@ def main() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         (out / "selection.json").write_text(json.dumps(selection, indent=2, sort_keys=True) + "\n")
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    row_metrics = {k: summary[k] for k in ("ua_mean", "ua_std", "wa_mean", "wa_std", "pooled_ua")}
-    row_metrics["folds"] = {str(f["fold"]): {"ua": f["ua"], "wa": f["wa"]} for f in summary["folds"]}
-    args.metrics.write_text(json.dumps(row_metrics, indent=2, sort_keys=True) + "\n")
+    args.metrics.write_text(json.dumps(row_metrics(summary), indent=2, sort_keys=True) + "\n")
 
     fold_ids = [f["fold"] for f in summary["folds"]]
     figures = {k: confusion_figure(predictions[predictions["fold"] == k], classes) for k in fold_ids}

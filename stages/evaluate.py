@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from mdser.errors import run_stage
-from mdser.evaluation import confusion_figure, summarize, test_predictions
+from mdser.evaluation import confusion_figure, row_metrics, summarize, test_predictions
 from mdser.params import load_params, row_model
 from mdser.splits import read_folds
 from mdser.stores import atomic_dir, tree_hash
@@ -43,9 +43,7 @@ def main() -> None:
         history.to_csv(out / "history.csv", index=False, lineterminator="\n")
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    row_metrics = {k: summary[k] for k in ("ua_mean", "ua_std", "wa_mean", "wa_std", "pooled_ua")}
-    row_metrics["folds"] = {str(f["fold"]): {"ua": f["ua"], "wa": f["wa"]} for f in summary["folds"]}
-    args.metrics.write_text(json.dumps(row_metrics, indent=2, sort_keys=True) + "\n")
+    args.metrics.write_text(json.dumps(row_metrics(summary), indent=2, sort_keys=True) + "\n")
 
     inputs = tree_hash(args.models, args.features / "meta.json", args.folds)
     figures = {

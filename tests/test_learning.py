@@ -5,6 +5,7 @@ initialisation, a head, a learning-rate range that stalls it), not a result.
 """
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from mdser.params import load_params, row_model
@@ -24,8 +25,6 @@ def small_training_set(seed: int = 0):
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     for o, n, y in zip(offsets, lengths, labels, strict=True):
         frames[o : o + n] += 0.5 * templates[y]
-    import pandas as pd
-
     rows = pd.DataFrame({"offset": offsets, "frames": lengths})
     return frames, rows, labels
 

@@ -18,9 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mdser.errors import UserError
-from mdser.evaluation import unweighted_accuracy
-from mdser.splits import fold_members
+from mdser.evaluation import prediction_frame, unweighted_accuracy
+from mdser.splits import encode_labels, fold_members
 
 ROW = "baseline"  # the row name in tables, MLflow and `ablation.steps`
 TIE_DECIMALS = 12  # UAs equal to this many decimals are a tie (0.5 vs 0.49999999999999994)
@@ -87,14 +86,6 @@ def fit_fold(
     return best, best_c, val_ua
 
 
-def encode(rows: pd.DataFrame, classes: list[str]) -> np.ndarray:
-    lookup = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(rows["emotion"]) - set(lookup))
-    if unknown:
-        raise UserError(f"emotions {unknown} are not in the class set {classes}")
-    return rows["emotion"].map(lookup).to_numpy(np.int64)
-
-
 def baseline_predictions(
     params: dict[str, Any], feature_store: Any, folds_doc: dict[str, Any],
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
@@ -106,40 +97,24 @@ def baseline_predictions(
     fold's training speakers (`train.standardize: train`) or from every utterance
     (`global`, the paper's corpus-level normalisation, as in `training.fit_fold`).
     """
-    from mdser.stores import open_features, read_meta
+    from mdser.stores import open_fold_features
 
-    index, frames = open_features(feature_store)
-    meta = read_meta(feature_store)
-    if meta.get("manifest_sha256") != folds_doc["manifest_sha256"]:
-        raise UserError(
-            f"{feature_store} was built from a different manifest than the folds "
-            f"({meta.get('manifest_sha256')} vs {folds_doc['manifest_sha256']}); run `dvc repro`"
-        )
-    train, base = params["train"], params["baseline"]
-    classes, folds = folds_doc["classes"], folds_doc["folds"]
-    if train["folds"] > len(folds):
-        raise UserError(f"train.folds = {train['folds']}, but the corpus has only {len(folds)} folds")
+    train, base, classes = params["train"], params["baseline"], folds_doc["classes"]
+    index, frames, _, selected = open_fold_features(feature_store, folds_doc, train["folds"])
     stats = utterance_statistics(frames, index)  # index order: one row per utterance
     position = pd.Series(np.arange(len(index)), index=index.index)
     parts, selection = [], []
-    for fold in folds[: train["folds"]]:
+    for fold in selected:
         members = fold_members(index, fold)
         x = {r: stats[position[members[r].index].to_numpy()] for r in ("train", "val", "test")}
-        y = {r: encode(members[r], classes) for r in ("train", "val")}
+        y = {r: encode_labels(members[r], classes) for r in ("train", "val")}
         scaler = standardizer(x["train"] if train["standardize"] == "train" else stats)
         model, c, val_ua = fit_fold(
             scaler.transform(x["train"]), y["train"], scaler.transform(x["val"]), y["val"],
             base["C"], base["max_iter"], len(classes),
         )
         probs = class_probabilities(model, scaler.transform(x["test"]), len(classes))
-        test = members["test"].reset_index(drop=True)
-        part = pd.DataFrame({
-            "fold": fold["fold"], "utt_id": test["utt_id"], "speaker": test["speaker"],
-            "actual": test["emotion"], "predicted": [classes[i] for i in probs.argmax(axis=1)],
-        })
-        for name, column in zip(classes, probs.T, strict=True):
-            part[f"p_{name}"] = np.round(column, 6)
-        parts.append(part)
+        parts.append(prediction_frame(fold["fold"], members["test"].reset_index(drop=True), probs, classes))
         selection.append({
             "fold": int(fold["fold"]), "test_speaker": fold["test"], "C": c,
             "val_ua": {str(k): v for k, v in val_ua.items()},

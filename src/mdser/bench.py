@@ -548,8 +548,9 @@ def growth_epoch(params: dict[str, Any], store: Path, model_params: dict[str, An
 
     Pass the `trainer` of an earlier call to reuse its traced step (no new trace)."""
     from mdser.corpora import class_names
+    from mdser.splits import encode_labels
     from mdser.stores import open_features
-    from mdser.training import class_weights, encode_labels, length_batches, standardization
+    from mdser.training import class_weights, length_batches, standardization
 
     index, frames = open_features(store)
     classes = class_names(params["data"] | {"corpus": "synth"})

@@ -91,14 +91,26 @@ def test_predictions(
         test = fold_members(index, fold)["test"].reset_index(drop=True)
         mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
         probs = predict(frames, test, mean, std, params["train"]["batch_frames"])
-        part = pd.DataFrame({
-            "fold": fold["fold"], "utt_id": test["utt_id"], "speaker": test["speaker"],
-            "actual": test["emotion"], "predicted": [classes[i] for i in probs.argmax(axis=1)],
-        })
-        for c, column in zip(classes, probs.T, strict=True):
-            part[f"p_{c}"] = np.round(column, 6)
-        parts.append(part)
+        parts.append(prediction_frame(fold["fold"], test, probs, classes))
     return pd.concat(parts, ignore_index=True)
+
+
+def prediction_frame(fold: int, test: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """One row per test utterance: fold, utt_id, speaker, actual, predicted, p_<class> (6 decimals)."""
+    part = pd.DataFrame({
+        "fold": fold, "utt_id": test["utt_id"], "speaker": test["speaker"],
+        "actual": test["emotion"], "predicted": [classes[i] for i in probs.argmax(axis=1)],
+    })
+    for c, column in zip(classes, probs.T, strict=True):
+        part[f"p_{c}"] = np.round(column, 6)
+    return part
+
+
+def row_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """What `metrics/rows/<row>.json` holds: the summary's means and every fold's UA and WA."""
+    metrics = {k: summary[k] for k in ("ua_mean", "ua_std", "wa_mean", "wa_std", "pooled_ua")}
+    metrics["folds"] = {str(f["fold"]): {"ua": f["ua"], "wa": f["wa"]} for f in summary["folds"]}
+    return metrics
 
 
 def confusion_figure(predictions: pd.DataFrame, classes: list[str], title: str = "") -> Any:

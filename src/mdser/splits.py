@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from mdser.errors import UserError
@@ -90,3 +91,12 @@ def fold_members(index: pd.DataFrame, fold: dict[str, Any]) -> dict[str, pd.Data
         "val": index[index["speaker"] == fold["val"]],
         "test": index[index["speaker"] == fold["test"]],
     }
+
+
+def encode_labels(rows: pd.DataFrame, classes: list[str]) -> np.ndarray:
+    """Class indices (into `classes`) of the rows' emotions; an unknown emotion is an error."""
+    lookup = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(rows["emotion"]) - set(lookup))
+    if unknown:
+        raise UserError(f"emotions {unknown} are not in the class set {classes}")
+    return rows["emotion"].map(lookup).to_numpy(np.int64)

@@ -95,6 +95,24 @@ def open_features(store: Path) -> tuple[pd.DataFrame, np.ndarray]:
     return index, frames
 
 
+def open_fold_features(
+    store: Path, folds_doc: dict[str, Any], n_folds: int
+) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any], list[dict[str, Any]]]:
+    """`open_features` of the store the folds were made from, its meta, and the first
+    `n_folds` folds (`train.folds`); a store from another manifest or too few folds is an error."""
+    index, frames = open_features(store)
+    meta = read_meta(store)
+    if meta.get("manifest_sha256") != folds_doc["manifest_sha256"]:
+        raise UserError(
+            f"{store} was built from a different manifest than the folds "
+            f"({meta.get('manifest_sha256')} vs {folds_doc['manifest_sha256']}); run `dvc repro`"
+        )
+    folds = folds_doc["folds"]
+    if n_folds > len(folds):
+        raise UserError(f"train.folds = {n_folds}, but the corpus has only {len(folds)} folds")
+    return index, frames, meta, folds[:n_folds]
+
+
 def utterance(frames: np.ndarray, row: Any) -> np.ndarray:
     """One utterance's (frames, n_mels, 3) slice of the feature store."""
     return frames[int(row.offset) : int(row.offset) + int(row.frames)]

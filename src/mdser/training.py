@@ -21,7 +21,7 @@ import pandas as pd
 
 from mdser.errors import UserError
 from mdser.evaluation import unweighted_accuracy
-from mdser.splits import fold_members
+from mdser.splits import encode_labels, fold_members
 
 TIME_QUANTUM = 16  # pad batches to a multiple of this many frames: few distinct shapes
 # Keras' global RNG and tracing state: folds trained in parallel threads take turns with it.
@@ -420,6 +420,7 @@ def load_epoch(path: Path) -> tuple[dict[str, Any], dict[str, list[np.ndarray]],
 def run_range_test(
     trainer: RowTrainer, train: dict[str, Any], frames: np.ndarray, members: dict[str, pd.DataFrame],
     labels: dict[str, np.ndarray], weights: np.ndarray, seed: int, mean: np.ndarray, std: np.ndarray,
+    steps: int,
 ) -> list[dict[str, float]]:
     """The paper's learning-rate range test on the fold's training and validation speakers.
 
@@ -431,7 +432,6 @@ def run_range_test(
     train_ua, val_ua} per point, up to the first non-finite loss.
     """
     sweep = train["range_test"]
-    steps = len(length_batches(members["train"]["frames"].to_numpy(), train["batch_frames"]))
     total = sweep["epochs"] * steps
     marks = {max(1, round(k * total / sweep["points"])) for k in range(1, sweep["points"] + 1)}
     trainer.start_fold(seed, steps, (sweep["lr_start"], sweep["lr_end"]), sweep_steps=total)
@@ -444,7 +444,7 @@ def run_range_test(
     for _ in range(sweep["epochs"]):
         for x, lengths, idx in batches(frames, members["train"], mean, std, train["batch_frames"], rng):
             if STOP.is_set():
-                raise FoldStopped(seed)
+                raise FoldStopped
             y = labels["train"][idx].astype(np.int32)
             losses.append(trainer.train_step(x, lengths, y, weights[y]))
             step += 1
@@ -496,7 +496,8 @@ def fit_fold(
         progress["range_test"], progress["bounds"] = [], list(trainer.fixed_bounds)
         progress["lr_source"] = "fixed"
         if train["lr_policy"] == "range_test":
-            curve = run_range_test(trainer, train, frames, members, labels, weights, seed, mean, std)
+            curve = run_range_test(trainer, train, frames, members, labels, weights, seed, mean, std,
+                                   steps)
             found = clr_bounds([p["lr"] for p in curve], [p["train_ua"] for p in curve])
             progress["range_test"] = curve
             if found is not None:
@@ -516,7 +517,7 @@ def fit_fold(
         losses = []
         for x, lengths, idx in batches(frames, members["train"], mean, std, train["batch_frames"], rng):
             if STOP.is_set():
-                raise FoldStopped(fold)
+                raise FoldStopped
             y = labels["train"][idx].astype(np.int32)
             losses.append(trainer.train_step(x, lengths, y, weights[y]))  # no host sync per step
         loss = float(np.mean([float(v) for v in losses]))
@@ -570,14 +571,6 @@ def fit_with_smaller_batches_on_oom(
         if at is not None:
             at.unlink(missing_ok=True)  # the finished fold is kept by the caller
         return best, history, stats | {"batch_frames": batch_frames}
-
-
-def encode_labels(rows: pd.DataFrame, classes: list[str]) -> np.ndarray:
-    lookup = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(rows["emotion"]) - set(lookup))
-    if unknown:
-        raise UserError(f"emotions {unknown} are not in the class set {classes}")
-    return rows["emotion"].map(lookup).to_numpy(np.int64)
 
 
 def code_digest() -> str:
@@ -638,25 +631,15 @@ def train_row(
     so a changed input or code never gets an old fold back. The row's resume state is
     removed once every fold is done.
     """
-    from mdser.stores import FEATURES_FILE, open_features, read_meta, sha256_file
+    from mdser.stores import FEATURES_FILE, open_fold_features, sha256_file
 
-    index, frames = open_features(feature_store)
-    meta = read_meta(feature_store)
-    if meta.get("manifest_sha256") != folds_doc["manifest_sha256"]:
-        raise UserError(
-            f"{feature_store} was built from a different manifest than the folds "
-            f"({meta.get('manifest_sha256')} vs {folds_doc['manifest_sha256']}); run `dvc repro`"
-        )
-    classes, train = folds_doc["classes"], params["train"]
-    folds = folds_doc["folds"]
-    if train["folds"] > len(folds):
-        raise UserError(f"train.folds = {train['folds']}, but the corpus has only {len(folds)} folds")
+    train, classes = params["train"], folds_doc["classes"]
+    index, frames, meta, selected = open_fold_features(feature_store, folds_doc, train["folds"])
     heads = {"arcface": params["arcface"], "softmax": params["softmax"]}
     inputs = [model_params, train, heads, meta, sha256_file(feature_store / FEATURES_FILE), code_digest(),
               classes]
-    keys = {fold["fold"]: fold_key(*inputs, fold) for fold in folds[: train["folds"]]}
+    keys = {fold["fold"]: fold_key(*inputs, fold) for fold in selected}
     resume_dir.mkdir(parents=True, exist_ok=True)
-    selected = folds[: train["folds"]]
     pending = [f for f in selected if not (resume_dir / keys[f["fold"]] / "fold.json").exists()]
     configure(train)
     trainers: dict[int, RowTrainer] = {}
@@ -696,7 +679,7 @@ def train_row(
     else:
         train_in_threads(train_fold, pending, workers)
     results = []
-    for fold in folds[: train["folds"]]:
+    for fold in selected:
         target = out / f"fold_{fold['fold']}"
         shutil.copytree(resume_dir / keys[fold["fold"]], target)
         results.append(json.loads((target / "fold.json").read_text()))
