@@ -4,9 +4,10 @@ with the baseline row, intervals, the paired ablation-step comparisons and the f
     python stages/ablate.py results metrics
 
 Reads results/<row>/ for every `ablation.rows` row and results/baseline/; writes
-metrics/ablation.{md,csv,json}, metrics/ablation_plot.csv, metrics/images/ablation.png,
-the confusion data and images and the curves; logs each step's comparison to its
-row's MLflow parent run.
+metrics/ablation.{md,csv,json}, metrics/training.md (did the curves flatten),
+metrics/ablation_plot.csv, metrics/images/ablation.png, the confusion data and images,
+the curves and the learning-rate range tests; logs each step's comparison to its row's
+MLflow parent run.
 """
 
 import argparse
@@ -17,6 +18,8 @@ import pandas as pd
 
 from mdser.ablation import (
     BASELINE,
+    convergence_frame,
+    convergence_markdown,
     plot_frame,
     step_comparisons,
     steps_frame,
@@ -37,7 +40,7 @@ def read_row(results: Path, metrics: Path, row: str, stage: str) -> dict:
         raise UserError(f"{path}: missing; run `dvc repro {stage}`")
     summary = json.loads(path.read_text())
     predictions = pd.read_csv(results / row / "predictions.csv")
-    for sub in ("confusion", "curves", "images"):
+    for sub in ("confusion", "curves", "images", "range_test"):
         (metrics / sub).mkdir(parents=True, exist_ok=True)
     predictions[["actual", "predicted"]].to_csv(
         metrics / "confusion" / f"{row}.csv", index=False, lineterminator="\n"
@@ -46,6 +49,9 @@ def read_row(results: Path, metrics: Path, row: str, stage: str) -> dict:
         history = pd.read_csv(results / row / "history.csv")
         curve = history.drop(columns="fold").groupby("epoch", as_index=False).mean()
         curve.round(6).to_csv(metrics / "curves" / f"{row}.csv", index=False, lineterminator="\n")
+    sweep = results / row / "range_test.csv"
+    if sweep.exists() and len(curve := pd.read_csv(sweep)):  # only with train.lr_policy range_test
+        curve.round(6).to_csv(metrics / "range_test" / f"{row}.csv", index=False, lineterminator="\n")
     fig = confusion_figure(predictions, summary["classes"], row)
     fig.savefig(metrics / "images" / f"{row}.png", dpi=80, metadata={"Software": None})
     return summary | {"n_folds": len(summary["folds"])}
@@ -70,6 +76,13 @@ def main() -> None:
     write_figure(plot_frame(frame), corpus, confidence, args.metrics / "images" / "ablation.png",
                  args.metrics / "ablation_plot.csv")
     print((args.metrics / "ablation.md").read_text())
+
+    train, tail = params["train"], max(params["train"]["patience"], 1)
+    histories = {row: pd.read_csv(args.results / row / "history.csv") for row in rows}
+    convergence = convergence_frame(histories, train["max_epochs"], tail)
+    (args.metrics / "training.md").write_text(
+        convergence_markdown(convergence, train["max_epochs"], train["patience"], tail), encoding="utf-8",
+        newline="\n")
 
     experiment = f"{params['mlflow']['experiment_prefix']}-{corpus}"
     missing = log_steps(experiment, steps, summaries)

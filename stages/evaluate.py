@@ -17,6 +17,9 @@ from mdser.splits import read_folds
 from mdser.stores import atomic_dir, tree_hash
 from mdser.tracking import environment_tags, log_row
 
+# What each fold's training chose, logged beside its fold number in MLflow.
+FOLD_PARAMS = ("best_epoch", "epochs", "lr_min", "lr_max", "lr_source")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -34,13 +37,15 @@ def main() -> None:
 
     predictions = test_predictions(params, model, args.features, folds_doc, args.models)
     summary = summarize(predictions, folds_doc["classes"], params["ablation"]["confidence"])
-    histories = {
-        f["fold"]: pd.read_csv(args.models / f"fold_{f['fold']}" / "history.csv") for f in summary["folds"]
-    }
+    fold_dirs = {f["fold"]: args.models / f"fold_{f['fold']}" for f in summary["folds"]}
+    histories = {k: pd.read_csv(d / "history.csv") for k, d in fold_dirs.items()}
+    range_tests = {k: pd.read_csv(d / "range_test.csv") for k, d in fold_dirs.items()}
+    fold_stats = {k: json.loads((d / "fold.json").read_text()) for k, d in fold_dirs.items()}
     with atomic_dir(args.out) as out:
         predictions.to_csv(out / "predictions.csv", index=False, lineterminator="\n")
-        history = pd.concat([h.assign(fold=k) for k, h in histories.items()], ignore_index=True)
-        history.to_csv(out / "history.csv", index=False, lineterminator="\n")
+        for name, frames in (("history", histories), ("range_test", range_tests)):
+            joined = pd.concat([h.assign(fold=k) for k, h in frames.items()], ignore_index=True)
+            joined.to_csv(out / f"{name}.csv", index=False, lineterminator="\n")
         (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(row_metrics(summary), indent=2, sort_keys=True) + "\n")
@@ -52,9 +57,11 @@ def main() -> None:
     }
     run_params = {"model": model, "train": params["train"], "arcface": params["arcface"],
                   "softmax": params["softmax"], "data": {"corpus": corpus}}
+    fold_params = {k: {n: str(st[n]) for n in FOLD_PARAMS} for k, st in fold_stats.items()}
     log_row(corpus, args.row, run_params, summary, histories, predictions, figures,
             environment_tags(f"evaluate@{args.row}", inputs),
-            f"{params['mlflow']['experiment_prefix']}-{corpus}")
+            f"{params['mlflow']['experiment_prefix']}-{corpus}", fold_params=fold_params,
+            range_tests=range_tests)
     print(f"{args.row}: test UA {100 * summary['ua_mean']:.2f} ± {100 * summary['ua_std']:.2f} "
           f"over {len(summary['folds'])} folds")
 

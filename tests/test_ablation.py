@@ -15,6 +15,7 @@ import yaml
 
 from mdser.ablation import (
     BASELINE,
+    convergence_frame,
     markdown,
     plot_frame,
     step_comparisons,
@@ -247,3 +248,16 @@ def test_ablate_stage_is_deterministic_logs_the_steps_and_mlflow_rebuilds_its_ta
     assert "step_delta_ua" not in newest.data.metrics and matched.data.metrics["step_delta_ua"] == 0.5
     summaries["ff-spp-softmax"]["ua_mean"] += 0.01  # results no run holds: nothing is logged
     assert tracking.log_steps(experiment, step, summaries) == ["ff-spp-softmax"]
+
+
+def test_convergence_frame_reads_each_fold_curve():
+    """Fold 0 stopped early at epoch 4 (best 2); fold 1 ran to the cap, best at its last epoch."""
+    history = pd.DataFrame({
+        "fold": [0] * 4 + [1] * 5, "epoch": [1, 2, 3, 4, 1, 2, 3, 4, 5],
+        "val_ua": [0.2, 0.6, 0.4, 0.5, 0.1, 0.2, 0.3, 0.4, 0.5],
+    })
+    line = convergence_frame({"r": history}, max_epochs=5, tail=2).iloc[0]
+    assert (line["epochs_min"], line["epochs_max"], line["stopped_early"]) == (4, 5, 1)
+    assert line["best_epoch_mean"] == pytest.approx((2 + 5) / 2)
+    assert line["best_val_ua"] == pytest.approx(100 * (0.6 + 0.5) / 2)
+    assert line["last_val_ua"] == pytest.approx(100 * ((0.4 + 0.5) / 2 + (0.4 + 0.5) / 2) / 2)

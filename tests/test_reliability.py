@@ -905,6 +905,13 @@ def queue_rows(repo: Path, extra: dict[str, str] | None) -> list[list[str]]:
     return [r for r in rows if r and r[-1] in ("Queued", "Running", "Success", "Failed")]
 
 
+def _failure_lines(log: str) -> str:
+    """What a failed experiment's log says about the failure: its traceback and error lines."""
+    at = log.rfind("Traceback")
+    lines = [ln for ln in log.splitlines() if "rror" in ln]
+    return (log[at:at + 6000] if at >= 0 else "") + "\n".join(lines[-20:])
+
+
 def _finished(rows: list[list[str]]) -> bool:
     return len(rows) == len(QUEUED_S) and all(r[-1] in ("Success", "Failed") for r in rows)
 
@@ -952,8 +959,8 @@ def queues(base, server, tmp_path_factory) -> dict[str, dict]:
     for key, (repo, extra, uri) in cases.items():
         r = results.setdefault(key, {"rows": queue_rows(repo, extra), "seconds": None})
         r |= {"repo": repo, "uri": uri}
-        r["logs"] = {row[1]: sh(["dvc", "queue", "logs", row[0]], repo, check=False,
-                                extra=extra).stdout[-4000:]
+        r["logs"] = {row[1]: _failure_lines(sh(["dvc", "queue", "logs", row[0]], repo,
+                                               check=False, extra=extra).stdout)
                      for row in r["rows"] if row[-1] != "Success"}
         r["exp_names"] = sh(["dvc", "exp", "list", "--name-only"], repo, extra=extra).stdout.split()
         try:

@@ -231,6 +231,53 @@ def write_tables(frame: pd.DataFrame, corpus: str, stem: Any, steps: pd.DataFram
     stem.with_suffix(".json").write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
 
 
+# --- did training converge? -----------------------------------------------------------
+
+
+def convergence_frame(histories: dict[str, pd.DataFrame], max_epochs: int, tail: int) -> pd.DataFrame:
+    """Per row, from its folds' training curves (results/<row>/history.csv): epochs run,
+    best epoch, how many folds early stopping ended, the best validation UA and the
+    mean validation UA over each fold's last `tail` epochs (%, means over folds).
+
+    A curve has flattened when its last epochs are near its best; one still rising
+    ends at max_epochs with its best epoch among the last.
+    """
+    lines = []
+    for row, history in sorted(histories.items()):
+        per_fold = [
+            {"epochs": int(h["epoch"].max()), "best_epoch": int(h.loc[h["val_ua"].idxmax(), "epoch"]),
+             "best": float(h["val_ua"].max()), "last": float(h["val_ua"].tail(tail).mean())}
+            for _, h in history.sort_values(["fold", "epoch"]).groupby("fold")
+        ]
+        folds = pd.DataFrame(per_fold)
+        lines.append({
+            "row": row, "folds": len(folds), "epochs_mean": folds["epochs"].mean(),
+            "epochs_min": int(folds["epochs"].min()), "epochs_max": int(folds["epochs"].max()),
+            "best_epoch_mean": folds["best_epoch"].mean(),
+            "stopped_early": int((folds["epochs"] < max_epochs).sum()),
+            "best_val_ua": 100 * folds["best"].mean(), "last_val_ua": 100 * folds["last"].mean(),
+        })
+    return pd.DataFrame(lines).round(2)
+
+
+def convergence_markdown(frame: pd.DataFrame, max_epochs: int, patience: int, tail: int) -> str:
+    stop = f"early stopping after {patience} epochs without a better validation UA" if patience else \
+        "no early stopping"
+    out = [
+        "# Training: did each row's curves flatten?\n",
+        f"Per row, means over its folds; cap {max_epochs} epochs, {stop}. Validation UA (%) on the "
+        f"fold's validation speaker: its best, and its mean over the last {tail} epochs a fold ran.\n",
+        "| row | folds | epochs run (min–max) | best epoch | stopped early | best val UA | "
+        f"last {tail} epochs' val UA |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in frame.itertuples():
+        out.append(f"| {r.row} | {r.folds} | {r.epochs_mean:.1f} ({r.epochs_min}–{r.epochs_max}) | "
+                   f"{r.best_epoch_mean:.1f} | {r.stopped_early} of {r.folds} | {r.best_val_ua:.2f} | "
+                   f"{r.last_val_ua:.2f} |")
+    return "\n".join(out) + "\n"
+
+
 # --- the ablation figure ------------------------------------------------------------------
 
 

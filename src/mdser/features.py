@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import scipy.fft
 
+from mdser.console import progress_bar
 from mdser.errors import UserError
 from mdser.stores import (
     AUDIO_FILE,
@@ -111,10 +112,10 @@ def three_channel(y: np.ndarray, sample_rate: int, features: dict[str, Any]) -> 
     return np.stack([spec, d1, d2], axis=-1)
 
 
-def _featurize_into_store(job: tuple[Path, Path, list[tuple[int, int, int]], int, dict[str, Any]]) -> None:
+def _featurize_into_store(job: tuple[Path, Path, list[tuple[int, int, int]], int, dict[str, Any]]) -> int:
     """Featurize utterances (sample offset, samples, frame offset) of the audio file
     straight into the feature file: both are memory maps, so no audio or feature
-    array travels between processes."""
+    array travels between processes. Returns how many it featurized."""
     audio_file, features_file, utterances, sample_rate, features = job
     samples = np.memmap(audio_file, dtype="<f4", mode="r")
     store = np.load(features_file, mmap_mode="r+")
@@ -122,6 +123,7 @@ def _featurize_into_store(job: tuple[Path, Path, list[tuple[int, int, int]], int
         x = three_channel(samples[start : start + length], sample_rate, features)
         store[offset : offset + len(x)] = x
     store.flush()
+    return len(utterances)
 
 
 def build_feature_store(audio_store: Path, out: Path, features: dict[str, Any]) -> pd.DataFrame:
@@ -144,8 +146,9 @@ def build_feature_store(audio_store: Path, out: Path, features: dict[str, Any]) 
          sample_rate, features)
         for i in range(0, len(utterances), UTTERANCES_PER_JOB)
     )
-    for _ in parallel_map(_featurize_into_store, jobs):
-        pass
+    with progress_bar("featurize", len(utterances)) as bar:
+        for done in parallel_map(_featurize_into_store, jobs):
+            bar.update(done)
     columns = ["utt_id", "speaker", "emotion", "offset", "frames"]
     write_index(index[columns], out / INDEX_FILE)
     meta = read_meta(audio_store) | {"features": features, "index_sha256": sha256_file(out / INDEX_FILE)}

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from mdser.console import progress_bar
 from mdser.corpora.manifest import sha256_file
 from mdser.errors import UserError
 
@@ -167,12 +168,13 @@ def build_audio_store(manifest: pd.DataFrame, raw_dir: Path, out: Path, sample_r
     parts = [out / f"{AUDIO_FILE}.part{k:06d}" for k in range(len(chunks))]
     jobs = zip(parts, chunks, [sample_rate] * len(chunks), strict=True)
     lengths: list[int] = []
-    with open(out / AUDIO_FILE, "wb") as f:
+    with open(out / AUDIO_FILE, "wb") as f, progress_bar("resample", len(files)) as bar:
         for part, part_lengths in zip(parts, parallel_map(_resample_into_part, jobs), strict=True):
             with open(part, "rb") as src:
                 shutil.copyfileobj(src, f)
             part.unlink()
             lengths += part_lengths
+            bar.update(len(part_lengths))
     index = kept[["utt_id", "speaker", "emotion"]].reset_index(drop=True)
     index["n_samples"] = np.asarray(lengths, dtype=np.int64)
     index["sample_offset"] = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)

@@ -131,13 +131,16 @@ def log_row(
     histories: dict[int, pd.DataFrame], predictions: pd.DataFrame, figures: dict[int, Any],
     tags: dict[str, str], experiment: str, texts: dict[str, str] | None = None,
     fold_params: dict[int, dict[str, str]] | None = None,
+    range_tests: dict[int, pd.DataFrame] | None = None,
 ) -> str:
     """Log one evaluated ablation row: a parent run and a child run per fold.
 
     The parent holds the summary metrics, the `ua_ci_low`/`ua_ci_high` interval when
     the summary has one, summary.json and any `texts` (artifact name -> content);
     each child its curves (`histories[fold]`, may be empty), test metrics,
-    predictions, confusion figure and `fold_params[fold]` beside its fold number.
+    predictions, confusion figure and `fold_params[fold]` beside its fold number, and
+    the learning-rate range test's curve (`range_tests[fold]`, empty with fixed bounds)
+    as `range_test_<column>` metrics over its steps.
     """
     from mlflow.entities import Metric, Param, RunTag
 
@@ -171,6 +174,12 @@ def log_row(
             curves = [
                 Metric(name, float(value), now, int(epoch))
                 for epoch, values in histories[k].set_index("epoch").iterrows()
+                for name, value in values.items()
+            ]
+            sweep = (range_tests or {}).get(k, pd.DataFrame(columns=["step"]))
+            curves += [
+                Metric(f"range_test_{name}", float(value), now, int(step))
+                for step, values in sweep.set_index("step").iterrows()
                 for name, value in values.items()
             ]
             final = [Metric(f"test_{m}", float(f[m]), now, 0) for m in ("ua", "wa", "macro_f1")]

@@ -38,6 +38,7 @@ import soundfile as sf
 from scipy.ndimage import uniform_filter1d
 from scipy.signal import butter, lfilter, sosfilt
 
+from mdser.console import progress_bar
 from mdser.corpora.emodb import EMOTION_LETTERS, SPEAKER_GENDERS
 from mdser.errors import UserError
 
@@ -385,10 +386,12 @@ def generate(raw_dir: Path, synth: dict) -> None:
     try:
         texts = {i: text_syllables(seed, i) for i in range(len(EMODB_TEXTS))}
         audio = []
-        for item in items:
-            rng = np.random.default_rng(item["seed"])
-            params = draw_params(item["emotion"], item["speaker"], rng)
-            audio.append(render(texts[item["text"]], params, sr, rng))
+        with progress_bar("synthesize", len(items)) as bar:
+            for item in items:
+                rng = np.random.default_rng(item["seed"])
+                params = draw_params(item["emotion"], item["speaker"], rng)
+                audio.append(render(texts[item["text"]], params, sr, rng))
+                bar.update()
         if layout == "emodb":
             (tmp / "wav").mkdir()
             for item, y in zip(items, audio, strict=True):

@@ -155,7 +155,7 @@ class SpatialPyramidPooling(keras.layers.Layer):
             )
             i = ops.arange(n, dtype="int32")[None, :, None]  # (1, n, 1)
             start = (i * lengths) // n
-            end = -((-(i + 1) * lengths) // n)  # ceil((i + 1) * L / n)
+            end = ((i + 1) * lengths + n - 1) // n  # ceil((i + 1) * L / n), non-negative ints only
             inside = (frames >= start) & (frames < end)  # (B, n time bins, T)
             # (B, n_freq_bins, n_time_bins, T, C) -> max over T: all time bins in one op.
             masked = ops.where(inside[:, None, :, :, None], by_freq[:, :, None], neg_inf)
