@@ -10,8 +10,8 @@ from pathlib import Path
 from mdser.corpora import corpus_counts, prepare, write_manifest
 from mdser.errors import run_stage
 from mdser.params import load_params
+from mdser.runtime import main_repo_root
 from mdser.stores import atomic_dir
-from mdser.tracking import main_repo_root
 
 
 def main() -> None:

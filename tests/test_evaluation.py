@@ -5,7 +5,8 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-from mdser.evaluation import summarize, unweighted_accuracy, weighted_accuracy
+from mdser.evaluation import summarize
+from mdser.statistics import unweighted_accuracy, weighted_accuracy
 
 
 def test_ua_is_balanced_accuracy_and_wa_is_accuracy():

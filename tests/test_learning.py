@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mdser.batching import length_batches, pad_batch
 from mdser.params import load_params, row_model
-from mdser.training import RowTrainer, class_weights, length_batches, pad_batch
+from mdser.training import RowTrainer, class_weights
 
 N_CLASSES, PER_CLASS, N_MELS = 7, 4, 20  # 20 bands: 10 after the first pooling, SPP(…, 10) fits
 STEPS = 300

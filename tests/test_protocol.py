@@ -10,7 +10,7 @@ Each test here fails if one protocol bug comes back:
   y, w)` must return, and descend, the weighted mean sum_i w_i l_i / B, and the fit loop
   must pass it the weights of Eq. 15 for the fold's training labels;
 * a test-speaker utterance reaching training or checkpoint selection: every utterance the
-  trainer reads goes through `mdser.training.pad_batch`, which is spied on while the real
+  trainer reads goes through `mdser.batching.pad_batch`, which is spied on while the real
   `train_row` trains a tiny row on a tiny feature store.
 
 Everything runs in-process on a 2-filter model: a few seconds per test on a 2-core CPU.
@@ -251,10 +251,10 @@ def row_params(train: dict) -> dict:
 def spied_train_row(store: dict, fold: dict, train: dict, tmp: Path) -> dict:
     """Run the real train_row on one fold; return the utterances of every pad_batch call
     and the (labels, weights) of every train step."""
-    from mdser import training
+    from mdser import batching, training
 
     batches, steps = [], []
-    real_pad_batch, real_trainer = training.pad_batch, training.RowTrainer
+    real_pad_batch, real_trainer = batching.pad_batch, training.RowTrainer
 
     def pad_batch_spy(frames, rows, mean, std):
         batches.append(list(rows["utt_id"]))
@@ -273,7 +273,7 @@ def spied_train_row(store: dict, fold: dict, train: dict, tmp: Path) -> dict:
 
     folds_doc = {"manifest_sha256": store["manifest_sha256"], "classes": CLASSES, "folds": [fold]}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(training, "pad_batch", pad_batch_spy)
+        mp.setattr(batching, "pad_batch", pad_batch_spy)
         mp.setattr(training, "RowTrainer", StepSpy)
         results = training.train_row(row_params(train), "tiny", dict(MODEL), store["path"],
                                      folds_doc, tmp / "out", tmp / "resume")

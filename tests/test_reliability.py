@@ -278,7 +278,7 @@ def test_readme_mlflow_server_listens_on_localhost_only():
 
 
 def test_batches_of_30_second_utterances_stay_within_the_frame_budget():
-    from mdser.training import TIME_QUANTUM, length_batches, pad_batch
+    from mdser.batching import TIME_QUANTUM, length_batches, pad_batch
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     budget = params["train"]["batch_frames"]

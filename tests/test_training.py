@@ -4,15 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mdser.batching import TIME_QUANTUM, length_batches, pad_batch
 from mdser.errors import UserError
-from mdser.training import (
-    TIME_QUANTUM,
-    class_weights,
-    cyclical_lr,
-    length_batches,
-    pad_batch,
-    standardization,
-)
+from mdser.features import standardization
+from mdser.training import class_weights, cyclical_lr
 
 
 def test_class_weights_eq15():

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mdser.evaluation import prediction_frame, unweighted_accuracy
+from mdser.evaluation import prediction_frame
 from mdser.splits import encode_labels, fold_members
+from mdser.statistics import unweighted_accuracy
 
 ROW = "baseline"  # the row name in tables, MLflow and `ablation.steps`
 TIE_DECIMALS = 12  # UAs equal to this many decimals are a tie (0.5 vs 0.49999999999999994)

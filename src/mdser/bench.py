@@ -90,7 +90,7 @@ def machine_info() -> dict[str, Any]:
     import psutil
     import tensorflow as tf
 
-    from mdser.training import cpu_model, device_name
+    from mdser.runtime import cpu_model, device_name
 
     cpu = cpu_model()
     gpus = tf.config.list_physical_devices("GPU")
@@ -217,7 +217,7 @@ class Trainer:
             weights: np.ndarray, groups: list[np.ndarray], mean: np.ndarray,
             std: np.ndarray) -> dict[str, Any]:
         """Train on `groups` (positions into `rows`), timing host batching and steps."""
-        from mdser.training import TIME_QUANTUM, pad_batch
+        from mdser.batching import TIME_QUANTUM, pad_batch
 
         prep_s, real, padded, losses = 0.0, 0, 0, []
         t0 = time.perf_counter()
@@ -247,7 +247,7 @@ class Trainer:
 def masked_equality(model: Any, head: str, arcface: dict[str, Any], frames: np.ndarray,
                     rows: pd.DataFrame, batch_frames: int) -> dict[str, Any]:
     """Max |p_bucketed - p_alone| of the class probabilities (library `Predictor`)."""
-    from mdser.training import Predictor, length_batches
+    from mdser.batching import Predictor, length_batches
 
     mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
     predict = Predictor(model, head, arcface)
@@ -263,7 +263,8 @@ def training_profile(name: str, model_params: dict[str, Any], params: dict[str, 
                      n_utts: int, n_naive: int, n_equal: int, batch_frames: int,
                      seed: int = 0, n_classes: int = IEMOCAP["classes"]) -> dict[str, Any]:
     """Bucketed vs one-per-batch training on the same IEMOCAP-like utterances."""
-    from mdser.training import class_weights, length_batches
+    from mdser.batching import length_batches
+    from mdser.training import class_weights
 
     rng = np.random.default_rng(seed)
     lengths = synthetic_lengths(n_utts, rng)
@@ -317,7 +318,8 @@ def training_profile(name: str, model_params: dict[str, Any], params: dict[str, 
 def batch_budget_sweep(model_params: dict[str, Any], params: dict[str, Any], n_utts: int,
                        budgets: list[int], seed: int = 0, n_classes: int = 4) -> dict[str, Any]:
     """Utterances/s of one traced step over the same utterances at several batch budgets."""
-    from mdser.training import class_weights, length_batches
+    from mdser.batching import length_batches
+    from mdser.training import class_weights
 
     rng = np.random.default_rng(seed)
     lengths = synthetic_lengths(n_utts, rng)
@@ -340,7 +342,7 @@ def batch_budget_sweep(model_params: dict[str, Any], params: dict[str, Any], n_u
 def trace_cost(model_params: dict[str, Any], params: dict[str, Any], n_classes: int = 4
                ) -> dict[str, Any]:
     """First-step time of a row's first fold (traces) and of its next fold (reuses the trace)."""
-    from mdser.training import pad_batch
+    from mdser.batching import pad_batch
 
     rng = np.random.default_rng(0)
     lengths = synthetic_lengths(4, rng)
@@ -547,10 +549,12 @@ def growth_epoch(params: dict[str, Any], store: Path, model_params: dict[str, An
     """One training epoch (bucketed, default batch budget) over a whole feature store.
 
     Pass the `trainer` of an earlier call to reuse its traced step (no new trace)."""
+    from mdser.batching import length_batches
     from mdser.corpora import class_names
+    from mdser.features import standardization
     from mdser.splits import encode_labels
     from mdser.stores import open_features
-    from mdser.training import class_weights, length_batches, standardization
+    from mdser.training import class_weights
 
     index, frames = open_features(store)
     classes = class_names(params["data"] | {"corpus": "synth"})
@@ -683,7 +687,8 @@ def gpu_figures(params: dict[str, Any], paper: dict[str, Any], n_utts: int,
     import keras
     import tensorflow as tf
 
-    from mdser.training import class_weights, length_batches
+    from mdser.batching import length_batches
+    from mdser.training import class_weights
 
     if not tf.config.list_physical_devices("GPU"):
         return {"present": False, "note": "no GPU present"}

@@ -11,16 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-
-def unweighted_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Mean over classes present in y_true of recall = correct_c / N_c."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    recalls = [np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]
-    return float(np.mean(recalls))
-
-
-def weighted_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
+from mdser.statistics import unweighted_accuracy, weighted_accuracy
 
 
 def summarize(predictions: pd.DataFrame, classes: list[str], confidence: float = 0.95) -> dict[str, Any]:
@@ -73,10 +64,11 @@ def test_predictions(
     """Each trained fold's model applied to its test speaker: one row per utterance."""
     import json
 
+    from mdser.batching import Predictor
     from mdser.model import build_model
+    from mdser.runtime import configure
     from mdser.splits import fold_members
     from mdser.stores import open_features
-    from mdser.training import Predictor, configure
 
     configure(params["train"])
     index, frames = open_features(feature_store)

@@ -53,7 +53,7 @@ def ensemble_model(params: dict[str, Any], models: RowModels, n_mels: int) -> An
     n_classes = len(models.classes)
 
     class StandardizedFold(keras.layers.Layer):
-        """One fold's model behind its own standardisation (as `training.pad_batch` does it)."""
+        """One fold's model behind its own standardisation (as `batching.pad_batch` does it)."""
 
         def __init__(self, fold: Any, **kwargs: Any) -> None:
             super().__init__(**kwargs)

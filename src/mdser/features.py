@@ -154,3 +154,16 @@ def build_feature_store(audio_store: Path, out: Path, features: dict[str, Any]) 
     meta = read_meta(audio_store) | {"features": features, "index_sha256": sha256_file(out / INDEX_FILE)}
     write_meta(out, meta)
     return index[columns]
+
+
+def standardization(frames: np.ndarray, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std over all frames of `rows` (the paper: over the corpus)."""
+    total, sq, n = np.zeros(3), np.zeros(3), 0
+    for r in rows.itertuples():
+        x = frames[int(r.offset) : int(r.offset) + int(r.frames)].astype(np.float64)
+        total += x.sum(axis=(0, 1))
+        sq += (x * x).sum(axis=(0, 1))
+        n += x.shape[0] * x.shape[1]
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 1e-12))
+    return mean.astype(np.float32), std.astype(np.float32)

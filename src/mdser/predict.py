@@ -102,8 +102,9 @@ def fold_probabilities(
     params: dict[str, Any], models: RowModels, frames: np.ndarray, rows: pd.DataFrame,
 ) -> np.ndarray:
     """(folds, utterances, classes): each fold model's probabilities, applied as `evaluate` does."""
+    from mdser.batching import Predictor
     from mdser.model import build_model
-    from mdser.training import Predictor, configure
+    from mdser.runtime import configure
 
     configure(params["train"])
     model = build_model(models.model_params, len(models.classes), n_mels=frames.shape[1])

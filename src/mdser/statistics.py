@@ -115,3 +115,14 @@ def paired_comparison(
         "p_min": smallest_wilcoxon_p(d),
         "significant": None if interval is None else bool(interval[0] > 0 or interval[1] < 0),
     }
+
+
+def unweighted_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean over classes present in y_true of recall = correct_c / N_c."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    recalls = [np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)]
+    return float(np.mean(recalls))
+
+
+def weighted_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))

@@ -22,21 +22,13 @@ from typing import Any
 import pandas as pd
 from filelock import FileLock
 
+from mdser.runtime import cpu_flags, cpu_model, device_name, main_repo_root
+
 SUMMARY_METRICS = [
     "ua_mean", "ua_std", "wa_mean", "wa_std", "macro_f1_mean",
     "pooled_ua", "pooled_wa", "pooled_macro_f1", "n_folds",
 ]
 CI_METRICS = ["ua_ci_low", "ua_ci_high"]  # absent (not logged) with fewer than 2 folds
-
-
-def main_repo_root(path: Path | None = None) -> Path:
-    """The user's repository, also from inside a DVC queue's temporary copy."""
-    path = (path or Path.cwd()).resolve()
-    parts = path.parts
-    for i in range(len(parts) - 3):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return path
 
 
 def local_store(root: Path | None = None) -> Path:
@@ -104,21 +96,22 @@ def environment_tags(stage: str, inputs_hash: str) -> dict[str, str]:
     """`run_tags` plus the hardware and TensorFlow that evaluated the row."""
     import tensorflow as tf
 
-    from mdser.training import device_name
 
     gpus = tf.config.list_physical_devices("GPU")
     gpu = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "") if gpus else ""
-    return run_tags(stage, inputs_hash) | {"device": device_name(), "gpu": gpu, "tensorflow": tf.__version__}
+    return run_tags(stage, inputs_hash) | {
+        "device": device_name(), "cpu_flags": cpu_flags(), "gpu": gpu, "tensorflow": tf.__version__,
+    }
 
 
 def baseline_tags(stage: str, inputs_hash: str) -> dict[str, str]:
     """`run_tags` plus the CPU and scikit-learn that ran the baseline (no TensorFlow import)."""
     import sklearn
 
-    from mdser.training import cpu_model
 
     return run_tags(stage, inputs_hash) | {
-        "device": f"CPU {cpu_model()} ({os.cpu_count()} cores)", "gpu": "", "sklearn": sklearn.__version__,
+        "device": f"CPU {cpu_model()} ({os.cpu_count()} cores)", "cpu_flags": cpu_flags(),
+        "gpu": "", "sklearn": sklearn.__version__,
     }
 
 

@@ -12,18 +12,20 @@ import json
 import math
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from mdser.batching import TIME_QUANTUM, Predictor, batches, length_batches
+from mdser.console import progress_bar
 from mdser.errors import UserError
-from mdser.evaluation import unweighted_accuracy
+from mdser.features import standardization
+from mdser.runtime import configure, device_name
 from mdser.splits import encode_labels, fold_members
+from mdser.statistics import unweighted_accuracy
 
-TIME_QUANTUM = 16  # pad batches to a multiple of this many frames: few distinct shapes
 # Keras' global RNG and tracing state: folds trained in parallel threads take turns with it.
 KERAS_GLOBALS = threading.RLock()
 RANGE_TEST_SAMPLE = 128  # training utterances whose UA the range test follows
@@ -118,152 +120,7 @@ def clr_bounds(lrs: list[float], uas: list[float]) -> tuple[float, float] | None
     return float(lrs[low]), float(lrs[peak])
 
 
-# --- variable-length batches ------------------------------------------------------------
-
-
-def length_batches(
-    lengths: np.ndarray, batch_frames: int, rng: np.random.Generator | None = None
-) -> list[np.ndarray]:
-    """Group utterances of similar length so that batch size x padded length <= batch_frames.
-
-    With `rng`, the order within equal-length buckets and the order of batches is
-    shuffled; without, batches are in ascending length (for evaluation).
-    """
-    lengths = np.asarray(lengths)
-    order = np.arange(lengths.size) if rng is None else rng.permutation(lengths.size)
-    padded = -(-lengths // TIME_QUANTUM) * TIME_QUANTUM
-    order = order[np.argsort(padded[order], kind="stable")]
-    batches, current, longest = [], [], 0
-    for i in order:
-        longest_if = max(longest, padded[i])
-        if current and longest_if * (len(current) + 1) > batch_frames:
-            batches.append(np.asarray(current))
-            current, longest_if = [], padded[i]
-        current.append(i)
-        longest = longest_if
-    if current:
-        batches.append(np.asarray(current))
-    if rng is not None:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
-
-
-def standardization(frames: np.ndarray, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std over all frames of `rows` (the paper: over the corpus)."""
-    total, sq, n = np.zeros(3), np.zeros(3), 0
-    for r in rows.itertuples():
-        x = frames[int(r.offset) : int(r.offset) + int(r.frames)].astype(np.float64)
-        total += x.sum(axis=(0, 1))
-        sq += (x * x).sum(axis=(0, 1))
-        n += x.shape[0] * x.shape[1]
-    mean = total / n
-    std = np.sqrt(np.maximum(sq / n - mean * mean, 1e-12))
-    return mean.astype(np.float32), std.astype(np.float32)
-
-
-def pad_batch(
-    frames: np.ndarray, rows: pd.DataFrame, mean: np.ndarray, std: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Standardize, then zero-pad along time: (B, n_mels, T, 3) and true lengths (B,)."""
-    lengths = rows["frames"].to_numpy(np.int32)
-    t = int(-(-lengths.max() // TIME_QUANTUM) * TIME_QUANTUM)
-    x = np.zeros((len(rows), frames.shape[1], t, 3), np.float32)
-    for b, r in enumerate(rows.itertuples()):
-        u = (frames[int(r.offset) : int(r.offset) + int(r.frames)] - mean) / std
-        x[b, :, : u.shape[0]] = u.transpose(1, 0, 2)
-    return x, lengths
-
-
-def batches(
-    frames: np.ndarray, rows: pd.DataFrame, mean: np.ndarray, std: np.ndarray,
-    batch_frames: int, rng: np.random.Generator | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(x, lengths, positions) per batch; positions index into `rows`."""
-    for idx in length_batches(rows["frames"].to_numpy(), batch_frames, rng):
-        x, lengths = pad_batch(frames, rows.iloc[idx], mean, std)
-        yield x, lengths, idx
-
-
 # --- the fit loop -----------------------------------------------------------------------
-
-
-def configure(train: dict[str, Any]) -> Any:
-    """Op determinism, one thread per op, the precision policy, and the distribution strategy.
-
-    Several GPUs: `tf.distribute.MirroredStrategy` over all of them (data parallel,
-    `train.batch_frames` is the global batch). Otherwise the default strategy: the
-    first GPU when there is one, else the CPU.
-    """
-    import keras
-    import tensorflow as tf
-
-    try:  # one thread per op: results do not depend on how many folds train at once
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-    except RuntimeError:  # TensorFlow already running in this process: already set
-        pass
-    tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy(
-        "mixed_float16" if train["mixed_precision"] else "float32"
-    )
-    gpus = tf.config.list_logical_devices("GPU")
-    if len(gpus) > 1:
-        return tf.distribute.MirroredStrategy([g.name for g in gpus])
-    return tf.distribute.get_strategy()
-
-
-def cpu_model() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name() -> str:
-    import os
-
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        return f"{len(gpus)}x GPU {details.get('device_name', gpus[0].name)}"
-    return f"CPU {cpu_model()} ({os.cpu_count()} cores)"
-
-
-class Predictor:
-    """A traced inference function over variable-length batches."""
-
-    def __init__(self, model: Any, head: str, arcface: dict[str, Any]):
-        import tensorflow as tf
-
-        from mdser.model import class_probabilities
-
-        n_mels = model.inputs[0].shape[1]
-        spec = [tf.TensorSpec((None, n_mels, None, 3), tf.float32), tf.TensorSpec((None,), tf.int32)]
-
-        @tf.function(input_signature=spec, reduce_retracing=True)
-        def probabilities(x: Any, lengths: Any) -> Any:
-            outputs = model({"features": x, "lengths": lengths}, training=False)
-            return class_probabilities(head, outputs, arcface)
-
-        self.probabilities = probabilities
-
-    def __call__(
-        self, frames: np.ndarray, rows: pd.DataFrame, mean: np.ndarray, std: np.ndarray,
-        batch_frames: int,
-    ) -> np.ndarray:
-        out = np.zeros((len(rows), 0), np.float32)
-        for x, lengths, idx in batches(frames, rows, mean, std, batch_frames):
-            p = np.asarray(self.probabilities(x, lengths))
-            if out.shape[1] == 0:
-                out = np.zeros((len(rows), p.shape[1]), np.float32)
-            out[idx] = p
-        return out
 
 
 class RowTrainer:
@@ -510,6 +367,8 @@ def fit_fold(
     else:
         best_weights = trainer.model.get_weights()
     lr_min, lr_max = progress["bounds"]
+    epochs_bar = progress_bar(f"{row} fold {fold}", train["max_epochs"], "epoch")
+    epochs_bar.update(progress["epoch"])
     while progress["epoch"] < train["max_epochs"]:
         if train["patience"] and progress["waited"] >= train["patience"]:
             break
@@ -540,6 +399,9 @@ def fit_fold(
         if checkpoint is not None:
             save_epoch(checkpoint, progress | {"rng": rng.bit_generator.state}, trainer.state(),
                        best_weights)
+        epochs_bar.set_postfix(val_ua=f"{val_ua:.3f}", best=f"{progress['best_ua']:.3f}", refresh=False)
+        epochs_bar.update()
+    epochs_bar.close()
     stats = {"best_epoch": progress["best_epoch"], "val_ua": progress["best_ua"],
              "epochs": progress["epoch"], "lr_min": lr_min, "lr_max": lr_max,
              "lr_source": progress["lr_source"], "range_test": progress["range_test"],
@@ -631,7 +493,7 @@ def train_row(
     so a changed input or code never gets an old fold back. The row's resume state is
     removed once every fold is done.
     """
-    from mdser.stores import FEATURES_FILE, open_fold_features, sha256_file
+    from mdser.stores import FEATURES_FILE, atomic_dir, open_fold_features, sha256_file
 
     train, classes = params["train"], folds_doc["classes"]
     index, frames, meta, selected = open_fold_features(feature_store, folds_doc, train["folds"])
@@ -657,27 +519,24 @@ def train_row(
             trainer, train, frames, fit_members, labels, len(classes), fold["fold"], row,
             checkpoint=resume_dir / f"{key}.epoch",
         )
-        done = resume_dir / key
-        tmp = done.with_name(key + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        trainer.model.set_weights(best)
-        trainer.model.save_weights(tmp / "model.weights.h5")
-        pd.DataFrame(history).to_csv(tmp / "history.csv", index=False, lineterminator="\n")
-        curve = stats.pop("range_test")
-        pd.DataFrame(curve, columns=["step", "lr", "train_loss", "train_ua", "val_ua"]).to_csv(
-            tmp / "range_test.csv", index=False, lineterminator="\n")
-        stats |= {"fold": fold["fold"], "device": device_name(), "replicas": trainer.replicas}
-        (tmp / "fold.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-        shutil.rmtree(done, ignore_errors=True)
-        tmp.rename(done)
+        with atomic_dir(resume_dir / key) as tmp:
+            trainer.model.set_weights(best)
+            trainer.model.save_weights(tmp / "model.weights.h5")
+            pd.DataFrame(history).to_csv(tmp / "history.csv", index=False, lineterminator="\n")
+            curve = stats.pop("range_test")
+            pd.DataFrame(curve, columns=["step", "lr", "train_loss", "train_ua", "val_ua"]).to_csv(
+                tmp / "range_test.csv", index=False, lineterminator="\n")
+            stats |= {"fold": fold["fold"], "device": device_name(), "replicas": trainer.replicas}
+            (tmp / "fold.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        folds_done.update()
 
     workers = fold_workers(params["runtime"], len(pending))
-    if workers == 1:  # in this thread: a signal stops the fold where it is
-        for fold in pending:
-            train_fold(fold)
-    else:
-        train_in_threads(train_fold, pending, workers)
+    with progress_bar(f"train {row}", len(pending), "fold") as folds_done:
+        if workers == 1:  # in this thread: a signal stops the fold where it is
+            for fold in pending:
+                train_fold(fold)
+        else:
+            train_in_threads(train_fold, pending, workers)
     results = []
     for fold in selected:
         target = out / f"fold_{fold['fold']}"
