@@ -178,7 +178,7 @@ def test_arcface_loss_matches_formula_including_theta_plus_m_beyond_pi():
 
 
 def test_arcface_logits_safe_branch_value():
-    from mdser.model.layers import arcface_logits
+    from mdser.model.heads import arcface_logits
 
     cos = np.array([[-0.99, 0.2]], np.float32)
     got = np.asarray(arcface_logits(cos, np.array([0]), M, S))

@@ -28,29 +28,25 @@ Choices the paper leaves open (and what is done here):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import keras
-import numpy as np
-from keras import layers, ops
+from keras import layers
 
+from mdser.model.heads import HEADS, CosineClassifier
 from mdser.model.layers import (
     LEAKY_SLOPE,
     BinAttention,
-    CosineClassifier,
     MaskedGlobalMaxPooling,
     MaskFrames,
     MaxPool2x2,
     PoolLengths,
     SpatialPyramidPooling,
-    arcface_logits,
-    sparse_cross_entropy,
 )
 
 CONVS = ("plain", "ff", "dilated", "mdcb")
 MERGES = ("sum", "concat")
 POOLINGS = ("gmp", "spp")
-HEADS = ("softmax", "arcface")
 N_STACK = 7  # layers/blocks after the initial layer: 8 layers in total (paper, Table 1)
 TIME_KERNEL = 3
 FREQ_KERNEL = 5
@@ -214,42 +210,6 @@ def attention_weights(model: keras.Model) -> keras.Model:
     """Sub-model with the same inputs returning the attention weights alpha (B, K)."""
     return keras.Model(model.input, model.get_layer("attention").output[1],
                        name=f"{model.name}_alpha")
-
-
-# ----------------------------------------------------------------------------- losses
-
-
-def per_sample_loss(head: str, arcface: Mapping, softmax: Mapping) -> Callable:
-    """``loss(labels (B,) int, outputs (B, C), margin_fraction=1) -> (B,)`` for the head.
-
-    softmax: cross-entropy of the logits with ``softmax['label_smoothing']``.
-    arcface: cross-entropy of the ArcFace logits (Eq. 12-14, scale ``s``) with the margin
-    ``margin_fraction * m``: training ramps it from 0 to ``m`` (``arcface.margin_warmup``).
-    """
-    if head == "softmax":
-        smoothing = float(softmax["label_smoothing"])
-
-        def softmax_loss(labels, logits, margin_fraction=1.0):
-            return sparse_cross_entropy(labels, logits, smoothing)
-
-        return softmax_loss
-    if head == "arcface":
-        m, s = float(arcface["m"]), float(arcface["s"])
-
-        def arcface_loss(labels, cosines, margin_fraction=1.0):
-            return sparse_cross_entropy(labels, arcface_logits(cosines, labels, margin_fraction * m, s))
-
-        return arcface_loss
-    raise ValueError(f"model.head must be one of {HEADS}, got {head!r}")
-
-
-def class_probabilities(head: str, outputs, arcface: Mapping):
-    """Class probabilities without margin: softmax(logits) or softmax(s * cos(theta))."""
-    logits = ops.cast(outputs, "float32")
-    if head == "arcface":
-        logits = float(arcface["s"]) * logits
-    probs = ops.softmax(logits, axis=-1)
-    return ops.convert_to_numpy(probs) if isinstance(outputs, np.ndarray) else probs
 
 
 # ----------------------------------------------------------------------------- summary
