@@ -7,13 +7,20 @@ import json
 import numpy as np
 import pytest
 
-from mdser import bench
+from mdser.bench import ROOT
+from mdser.bench.data import synthetic_lengths
+from mdser.bench.flops import model_flops
+from mdser.bench.gpu import project_ablation
+from mdser.bench.machine import PeakMemory, machine_info, matmul_peak
+from mdser.bench.pipeline import STAGE_LINE
+from mdser.bench.report import TARGETS, batching_bounds, verdicts, write_report
+from mdser.bench.training import training_profile
 from mdser.params import load_params
 
 
 @pytest.fixture(scope="module")
 def params():
-    p = load_params(bench.ROOT / "params.yaml")
+    p = load_params(ROOT / "params.yaml")
     p["model"] |= {"filters": 2, "attention_units": 2, "fc_units": 4}
     return p
 
@@ -25,7 +32,7 @@ def tiny(params, row):
 
 
 def test_synthetic_lengths_follow_the_iemocap_like_range():
-    lengths = bench.synthetic_lengths(2000, np.random.default_rng(0))
+    lengths = synthetic_lengths(2000, np.random.default_rng(0))
     assert lengths.min() >= 60 and lengths.max() <= 3000
     assert 400 < lengths.mean() < 500  # mean about 4.5 s at 100 frames/s
 
@@ -34,7 +41,7 @@ def test_flops_are_counted_from_the_conv_shapes(params):
     from mdser.model import build_model
 
     model = build_model(tiny(params, "cnn-gmp-softmax"), 4, n_mels=40)
-    f = bench.model_flops(model)
+    f = model_flops(model)
     # layer 1: 40 bands x 5x3 x 3 -> 2; layers 2-8: 20 bands x half the frames x 5x3 x 2 -> 2
     macs = 40 * 15 * 3 * 2 + 7 * 20 * 0.5 * 15 * 2 * 2
     assert f["conv_layers"] == 8
@@ -45,7 +52,7 @@ def test_flops_are_counted_from_the_conv_shapes(params):
 
 @pytest.mark.parametrize("row", ["cnn-gmp-softmax", "mdcnn-ff-spp-att-arcface"])
 def test_training_profile_structure_and_masked_equality(params, row):
-    res = bench.training_profile(row, tiny(params, row), params, n_utts=5, n_naive=2, n_equal=3,
+    res = training_profile(row, tiny(params, row), params, n_utts=5, n_naive=2, n_equal=3,
                                  batch_frames=1500)
     for key in ("bucketed", "one_per_batch", "bucketed_same_utterances"):
         run = res[key]
@@ -55,38 +62,38 @@ def test_training_profile_structure_and_masked_equality(params, row):
     assert res["bucketed"]["utterances"] == 5 and res["one_per_batch"]["batches"] == 2
     assert res["speedup_vs_one_per_batch"] > 0
     assert res["equality"]["utterances"] == 3
-    assert res["equality"]["max_abs_diff"] <= bench.TARGETS["equality_atol"]
+    assert res["equality"]["max_abs_diff"] <= TARGETS["equality_atol"]
 
 
 def test_report_and_json_from_toy_results(params, tmp_path):
     row = "cnn-gmp-softmax"
     results = {
-        "quick": True, "date": "today", "wall_s": 1.0, "machine": bench.machine_info(),
-        "matmul_peak": bench.matmul_peak(n=128, repeats=1),
-        "training": {"plain": bench.training_profile(row, tiny(params, row), params, 4, 1, 2, 900)},
+        "quick": True, "date": "today", "wall_s": 1.0, "machine": machine_info(),
+        "matmul_peak": matmul_peak(n=128, repeats=1),
+        "training": {"plain": training_profile(row, tiny(params, row), params, 4, 1, 2, 900)},
         "gpu": {"present": False, "note": "no GPU present"},
     }
-    results["projection"] = bench.project_ablation(params, tiny(params, row), 1e9, epochs=1)
+    results["projection"] = project_ablation(params, tiny(params, row), 1e9, epochs=1)
     results["projection"]["device"] = "cpu"
     assert set(results["projection"]["per_row_s"]) == set(params["ablation"]["rows"])
     assert results["projection"]["total_s"] > 0
     assert results["machine"]["cores"] >= 1 and results["machine"]["tensorflow"]
     report = tmp_path / "report.md"
-    bench.write_report(results, report)
+    write_report(results, report)
     text = report.read_text()
     assert "## Targets" in text and "No GPU present" in text
-    verdicts = bench.verdicts(results)
-    assert all(len(v) == 4 for v in verdicts)
+    rows = verdicts(results)
+    assert all(len(v) == 4 for v in rows)
     json.dumps(results, default=str)  # serializable
 
 
 def test_dvc_stage_lines_are_recognized():
-    m = bench.STAGE_LINE.search("Running stage 'train@cnn-gmp-softmax':")
+    m = STAGE_LINE.search("Running stage 'train@cnn-gmp-softmax':")
     assert m and m.group(1) == "train@cnn-gmp-softmax"
 
 
 def test_peak_memory_sees_this_process():
-    with bench.PeakMemory(interval=0.01) as mem:
+    with PeakMemory(interval=0.01) as mem:
         np.ones(1 << 20).sum()
     assert mem.peak_rss > 0 and mem.peak_pss > 0
 
@@ -94,6 +101,6 @@ def test_peak_memory_sees_this_process():
 def test_batching_bounds_are_the_peak_ratio_and_the_fixed_cost_share():
     profile = {"one_per_batch_step_s": 0.036, "step_overhead_s": 0.009,
                "one_per_batch": {"useful_flops": 5e9}}
-    bounds = bench.batching_bounds(profile, peak=80e9)
+    bounds = batching_bounds(profile, peak=80e9)
     assert bounds["peak_bound"] == pytest.approx(16.0)
     assert bounds["fixed_share"] == pytest.approx(0.25)

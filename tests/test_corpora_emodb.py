@@ -6,31 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers import make_emodb, utterance
 
 from mdser.corpora.emodb import EMOTION_LETTERS, SPEAKER_GENDERS, parse_name, read_emodb
 from mdser.errors import UserError
-
-LETTERS = "WLEAFTN"
-
-
-def utterance(seconds: float, sr: int, seed: int, channels: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * sr)) / sr
-    y = 0.2 * np.sin(2 * np.pi * rng.uniform(100, 300) * t) * (1 + 0.5 * np.sin(2 * np.pi * 4 * t))
-    y += 0.02 * rng.standard_normal(t.size)
-    return np.stack([y, 0.5 * y], axis=1) if channels == 2 else y
-
-
-def make_emodb(root: Path, speakers=("03", "08"), sr: int = 16000) -> list[Path]:
-    """One 0.7 s utterance per (speaker, emotion letter) in EMODB naming."""
-    (root / "wav").mkdir(parents=True)
-    paths = []
-    for i, spk in enumerate(speakers):
-        for j, letter in enumerate(LETTERS):
-            path = root / "wav" / f"{spk}a0{1 + j % 5}{letter}a.wav"
-            sf.write(path, utterance(0.7, sr, seed=100 * i + j), sr, subtype="PCM_16")
-            paths.append(path)
-    return paths
 
 
 def test_parse_name():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from test_corpora_emodb import LETTERS, utterance
+from helpers import LETTERS, utterance
 
 from mdser.corpora import prepare
 from mdser.corpora.download import fetch_archive, safe_extract_zip

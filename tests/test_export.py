@@ -10,13 +10,14 @@ import json
 import os
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
 from mdser import cli
-from mdser.params import Params, load_params, row_model
+from mdser.params import load_params, row_model
 from mdser.predict import fold_probabilities, load_row
 
 ROW = "cnn-gmp-softmax"
@@ -24,10 +25,8 @@ CLASSES = ["ang", "hap", "neu", "sad"]
 
 
 def tiny_params() -> dict:
-    params = load_params()
-    params["features"]["n_mels"] = 20
-    params["model"] |= {"filters": 4, "fc_units": 8, "attention_units": 8}
-    return Params.model_validate(params).model_dump()
+    """The tiny configuration with 20 bands, validated by the schema."""
+    return helpers.tiny_params({"features": {"n_mels": 20}}, validate=True)
 
 
 def write_row(root: Path, params: dict, row: str, folds: tuple[int, ...] = (0, 1)) -> None:

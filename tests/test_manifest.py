@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_corpora_emodb import make_emodb
+from helpers import make_emodb
 
 from mdser.corpora import (
     COLUMNS,

@@ -1,4 +1,5 @@
-"""The real pipeline: `dvc repro` in a temporary copy of the repository, tiny config.
+"""The real pipeline: `dvc repro` in a temporary copy of the repository (repo_runs.copy_repo:
+the tiny configuration of helpers.tiny_params, the ablation rows PIPELINE_ROWS).
 
 One module-scoped run is shared by the checks below; together they take a few
 minutes on 2 CPU cores.
@@ -7,9 +8,7 @@ minutes on 2 CPU cores.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,48 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from repo_runs import PIPELINE_ROWS, copy_repo, free_port, run, table_files
 
-ROOT = Path(__file__).resolve().parents[1]
-ROWS = ["cnn-gmp-softmax", "ff-spp-softmax", "mdcnn-ff-spp-att-arcface"]
+ROWS = PIPELINE_ROWS
 pytestmark = pytest.mark.slow
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def tiny_params(params: dict) -> dict:
-    params["data"]["synth"].update(utterances=70)
-    params["model"].update(filters=4, attention_units=8, fc_units=8)
-    params["train"].update(folds=2, max_epochs=2)
-    params["ablation"]["rows"] = {r: params["ablation"]["rows"][r] for r in ROWS}
-    params["ablation"]["steps"] = {r: b for r, b in params["ablation"]["steps"].items()
-                                   if r in ROWS and (b in ROWS or b == "baseline")}
-    return params
-
-
-def copy_repo(dest: Path) -> Path:
-    """The repository's tracked shape (no data, no caches), as a fresh git repo."""
-    for name in ["dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", "stages", "src", ".dvc/config"]:
-        src, dst = ROOT / name, dest / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy(src, dst)
-    (dest / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
-    params = tiny_params(yaml.safe_load((dest / "params.yaml").read_text()))
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run([*git, "commit", "-q", "-m", "repo"], dest)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +28,6 @@ def repo(tmp_path_factory) -> Path:
     repo = copy_repo(tmp_path_factory.mktemp("pipeline"))
     run(["dvc", "repro"], repo)
     return repo
-
-
-def table_files(repo: Path) -> dict[str, bytes]:
-    return {s: (repo / f"metrics/ablation.{s}").read_bytes() for s in ("md", "csv", "json")}
 
 
 def test_repro_writes_every_stage_and_the_table(repo):
@@ -138,12 +95,6 @@ def test_test_speaker_never_in_training_or_selection(repo):
         for line in predictions:
             fold, _, speaker = line.split(",")[:3]
             assert speaker == folds[int(fold)]["test"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_mlflow_server_lists_parent_runs_with_fold_children(repo):

@@ -8,6 +8,7 @@ The models are the real `train_row` output on a tiny built-in corpus (4 speakers
 import json
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pandas as pd
 import pytest
@@ -17,21 +18,17 @@ import yaml
 
 from mdser import cli
 from mdser.errors import UserError
-from mdser.params import Params, load_params, row_model
+from mdser.params import load_params, row_model
 from mdser.predict import best_row, classify, file_features, fold_probabilities, load_row
 
 ROW = "cnn-gmp-softmax"
 
 
 def tiny_params() -> dict:
-    """params.yaml shrunk to seconds of work, validated by the schema."""
-    params = load_params()
-    params["data"]["synth"] |= {"speakers": 4, "utterances": 70}
-    params["features"]["n_mels"] = 20
-    params["train"] |= {"folds": 2, "max_epochs": 1, "patience": 0, "lr_policy": "fixed"}
-    params["model"] |= {"filters": 4, "fc_units": 8, "attention_units": 8}
-    params["runtime"]["workers"] = 1
-    return Params.model_validate(params).model_dump()
+    """The tiny configuration (4 speakers, 1 epoch, 20 bands), validated by the schema."""
+    return helpers.tiny_params({"data": {"synth": {"speakers": 4}}, "features": {"n_mels": 20},
+                                "train": {"max_epochs": 1, "patience": 0, "lr_policy": "fixed"},
+                                "runtime": {"workers": 1}}, validate=True)
 
 
 @pytest.fixture(scope="module")

@@ -25,20 +25,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import tiny_params, trainer_config
 
 from mdser.splits import fold_members, speaker_folds
 
-ROOT = Path(__file__).resolve().parents[1]
 N_MELS = 8
 CLASSES = ["ang", "neu", "sad"]
-MODEL = {"filters": 2, "conv": "plain", "merge": "sum", "pooling": "gmp", "spp_levels": [1, 2],
-         "attention": False, "attention_units": 4, "fc_units": 4, "head": "softmax"}
-TRAIN = {"folds": 1, "max_epochs": 1, "batch_frames": 256, "lr_policy": "fixed",
-         "lr_min": 1e-3, "lr_max": 1e-2,
-         "range_test": {"lr_start": 1e-5, "lr_end": 0.1, "epochs": 1, "points": 4},
-         "class_weight_alpha": "auto", "patience": 0, "standardize": "train", "seed": 0,
-         "mixed_precision": False, "xla": False}
-HEADS = {"arcface": {"m": 0.5, "s": 2.0, "margin_warmup": 0}, "softmax": {"label_smoothing": 0.0}}
+# the tiny configuration's trainer sections, narrower still: a 2-filter plain CNN with GMP and a
+# softmax head, one epoch with CLR bounds ten times apart
+MODEL, TRAIN, HEADS = trainer_config(
+    model={"filters": 2, "conv": "plain", "merge": "sum", "pooling": "gmp", "spp_levels": [1, 2],
+           "attention": False, "attention_units": 4, "fc_units": 4, "head": "softmax"},
+    train={"folds": 1, "max_epochs": 1, "batch_frames": 256, "lr_policy": "fixed",
+           "lr_min": 1e-3, "lr_max": 1e-2,
+           "range_test": {"lr_start": 1e-5, "lr_end": 0.1, "epochs": 1, "points": 4},
+           "patience": 0})
 SPEAKERS = ["s1", "s2", "s3", "s4", "s5"]
 
 
@@ -238,14 +239,9 @@ def store(tmp_path_factory):
 
 
 def row_params(train: dict) -> dict:
-    """The repository's params.yaml (validated), with the tiny training and one worker."""
-    from mdser.params import load_params
-
-    params = load_params(ROOT / "params.yaml")
-    params["train"] = params["train"] | train
-    params["runtime"] = {"workers": 1}  # folds trained in this process, where the spies are
-    params["model"] = dict(MODEL)
-    return params
+    """The tiny configuration (validated) with this module's model, `train` (a whole section)
+    and one worker: folds trained in this process, where the spies are."""
+    return tiny_params({"model": MODEL, "train": train, "runtime": {"workers": 1}}, validate=True)
 
 
 def spied_train_row(store: dict, fold: dict, train: dict, tmp: Path) -> dict:

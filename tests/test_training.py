@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import fit, same, tiny_fold, trainer_config
 
 from mdser.batching import TIME_QUANTUM, length_batches, pad_batch
 from mdser.errors import UserError
@@ -115,38 +116,14 @@ def test_standardization_and_padding():
 
 # --- the fit loop: one trace per row, resume after any epoch ------------------------------
 
-TINY_MODEL = {"filters": 4, "conv": "mdcb", "merge": "sum", "pooling": "spp", "spp_levels": [1, 2],
-              "attention": True, "attention_units": 8, "fc_units": 8, "head": "arcface"}
-TINY_TRAIN = {"max_epochs": 3, "batch_frames": 256, "lr_policy": "fixed", "lr_min": 1e-4, "lr_max": 5e-3,
-              "range_test": {"lr_start": 1e-4, "lr_end": 1e-1, "epochs": 2, "points": 6},
-              "class_weight_alpha": "auto", "patience": 0, "standardize": "train", "seed": 0,
-              "mixed_precision": False, "xla": False}
-HEADS = {"arcface": {"m": 0.5, "s": 2.0, "margin_warmup": 0}, "softmax": {"label_smoothing": 0.0}}
-
-
-def tiny_fold(seed: int = 0):
-    """Frames of 3 classes (a class-dependent offset) and train/val members."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(6, 60, 30)
-    labels = np.arange(30) % 3
-    frames = rng.standard_normal((lengths.sum(), 8, 3)).astype(np.float32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    for o, n, y in zip(offsets, lengths, labels, strict=True):
-        frames[o : o + n] += y
-    rows = pd.DataFrame({"offset": offsets, "frames": lengths})
-    members = {"train": rows.iloc[:24], "val": rows.iloc[24:]}
-    return frames, members, {"train": labels[:24], "val": labels[24:]}
-
-
-def fit(trainer, train, fold, checkpoint=None):
-    from mdser.training import fit_fold
-
-    frames, members, labels = tiny_fold()
-    return fit_fold(trainer, train, frames, members, labels, 3, fold, "tiny", checkpoint)
-
-
-def same(a, b):
-    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+# the tiny configuration's trainer sections with the full model of the paper (MDCB, SPP,
+# attention, ArcFace), three epochs on helpers.tiny_fold
+TINY_MODEL, TINY_TRAIN, HEADS = trainer_config(
+    model={"conv": "mdcb", "merge": "sum", "pooling": "spp", "spp_levels": [1, 2], "attention": True,
+           "head": "arcface"},
+    train={"max_epochs": 3, "batch_frames": 256, "lr_policy": "fixed", "lr_min": 1e-4, "lr_max": 5e-3,
+           "range_test": {"lr_start": 1e-4, "lr_end": 1e-1, "epochs": 2, "points": 6},
+           "patience": 0})
 
 
 @pytest.mark.slow
@@ -185,8 +162,9 @@ import numpy as np, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, sys.argv[1])
-from test_training import TINY_MODEL, TINY_TRAIN, HEADS, fit
+from helpers import fit
 from mdser.training import RowTrainer
+TINY_MODEL, TINY_TRAIN, HEADS = json.loads(sys.argv[2])
 single = RowTrainer(TINY_MODEL, TINY_TRAIN, HEADS, 3, 8)
 mirrored = RowTrainer(TINY_MODEL, TINY_TRAIN, HEADS, 3, 8,
                       tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
@@ -205,7 +183,8 @@ def test_mirrored_strategy_over_two_devices_trains_as_one_device():
     import sys
     from pathlib import Path
 
-    out = subprocess.run([sys.executable, "-c", MIRRORED, str(Path(__file__).parent)],
+    config = json.dumps([TINY_MODEL, TINY_TRAIN, HEADS])
+    out = subprocess.run([sys.executable, "-c", MIRRORED, str(Path(__file__).parent), config],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
