@@ -8,11 +8,12 @@ from pathlib import Path
 
 from mdser.errors import run_stage
 from mdser.params import load_params, row_model
+from mdser.row_training import train_row
 from mdser.runtime import main_repo_root
 from mdser.splits import read_folds
 from mdser.stores import atomic_dir
 from mdser.tracking import log_failure
-from mdser.training import TrainingDiverged, train_row
+from mdser.training import TrainingDiverged
 
 
 def main() -> None:

@@ -36,9 +36,9 @@ def repo(tmp_path_factory) -> Path:
     """A repository root with params.yaml, data/features, data/splits.json and models/<ROW>."""
     from mdser.corpora import class_names, prepare, write_manifest
     from mdser.features import build_feature_store
+    from mdser.row_training import train_row
     from mdser.splits import read_folds, speaker_folds, write_folds
     from mdser.stores import build_audio_store, sha256_file, write_meta
-    from mdser.training import train_row
 
     root = tmp_path_factory.mktemp("repo")
     params = tiny_params()

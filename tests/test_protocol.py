@@ -247,10 +247,10 @@ def row_params(train: dict) -> dict:
 def spied_train_row(store: dict, fold: dict, train: dict, tmp: Path) -> dict:
     """Run the real train_row on one fold; return the utterances of every pad_batch call
     and the (labels, weights) of every train step."""
-    from mdser import batching, training
+    from mdser import batching, row_training
 
     batches, steps = [], []
-    real_pad_batch, real_trainer = batching.pad_batch, training.RowTrainer
+    real_pad_batch, real_trainer = batching.pad_batch, row_training.RowTrainer
 
     def pad_batch_spy(frames, rows, mean, std):
         batches.append(list(rows["utt_id"]))
@@ -270,8 +270,8 @@ def spied_train_row(store: dict, fold: dict, train: dict, tmp: Path) -> dict:
     folds_doc = {"manifest_sha256": store["manifest_sha256"], "classes": CLASSES, "folds": [fold]}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(batching, "pad_batch", pad_batch_spy)
-        mp.setattr(training, "RowTrainer", StepSpy)
-        results = training.train_row(row_params(train), "tiny", dict(MODEL), store["path"],
+        mp.setattr(row_training, "RowTrainer", StepSpy)
+        results = row_training.train_row(row_params(train), "tiny", dict(MODEL), store["path"],
                                      folds_doc, tmp / "out", tmp / "resume")
     assert [r["fold"] for r in results] == [fold["fold"]]
     return {"batches": batches, "steps": steps}
