@@ -178,3 +178,30 @@ def test_two_queued_experiments_log_every_run_once_to_a_server(queues, server):
 def test_queued_experiments_write_no_credentials(queues):
     leaks = leaked_files(queues["server"]["repo"])
     assert not leaks, leaks
+
+
+def test_an_experiment_another_worker_created_meanwhile_is_used(tmp_path, monkeypatch):
+    """Two queue workers logging to one server both see no experiment and both create it;
+    the second create fails on the store's unique name, and the worker uses the first's."""
+    import mlflow
+
+    from mdser.tracking import experiment_id
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    real = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first = experiment_id(real, "mdser-synth", tmp_path)
+
+    class LateWorker(mlflow.MlflowClient):
+        """Its lookup ran before the other worker's create (the race, made deterministic)."""
+
+        looked = False
+
+        def get_experiment_by_name(self, name):
+            if not self.looked:
+                self.looked = True
+                return None
+            return super().get_experiment_by_name(name)
+
+    late = LateWorker(tracking_uri=real.tracking_uri)
+    assert experiment_id(late, "mdser-synth", tmp_path) == first
+    assert len(real.search_experiments(filter_string="name = 'mdser-synth'")) == 1

@@ -72,10 +72,19 @@ def experiment_id(mlflow_client: Any, name: str, root: Path | None = None) -> st
     location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         location = (local_store(root) / "artifacts" / name).as_uri()
-    # "custom_model_development" makes the UI open on the runs table, not the GenAI overview
-    return mlflow_client.create_experiment(
-        name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
-    )
+    from mlflow.exceptions import MlflowException
+
+    try:  # "custom_model_development" makes the UI open on the runs table, not the GenAI overview
+        return mlflow_client.create_experiment(
+            name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
+        )
+    except MlflowException:
+        # Another worker (a DVC queue worker logging to the same server) created it first:
+        # a shared server has no store lock, and its unique name constraint decides.
+        exp = mlflow_client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def run_tags(stage: str, inputs_hash: str) -> dict[str, str]:
