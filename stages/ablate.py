@@ -33,8 +33,9 @@ from mdser.params import load_params, row_model
 from mdser.tracking import log_steps
 
 
-def read_row(results: Path, metrics: Path, row: str, stage: str) -> dict:
-    """A row's summary; its confusion data and image (and its curve, if it has a history)."""
+def read_row(results: Path, metrics: Path, row: str, stage: str) -> tuple[dict, pd.DataFrame | None]:
+    """A row's summary and training history (None: the baseline has none); writes its
+    confusion data and image, its mean curve and its range-test curve."""
     path = results / row / "summary.json"
     if not path.exists():
         raise UserError(f"{path}: missing; run `dvc repro {stage}`")
@@ -45,16 +46,17 @@ def read_row(results: Path, metrics: Path, row: str, stage: str) -> dict:
     predictions[["actual", "predicted"]].to_csv(
         metrics / "confusion" / f"{row}.csv", index=False, lineterminator="\n"
     )
+    history = None
     if (results / row / "history.csv").exists():
         history = pd.read_csv(results / row / "history.csv")
         curve = history.drop(columns="fold").groupby("epoch", as_index=False).mean()
         curve.round(6).to_csv(metrics / "curves" / f"{row}.csv", index=False, lineterminator="\n")
     sweep = results / row / "range_test.csv"
-    if sweep.exists() and len(curve := pd.read_csv(sweep)):  # only with train.lr_policy range_test
-        curve.round(6).to_csv(metrics / "range_test" / f"{row}.csv", index=False, lineterminator="\n")
+    if sweep.exists() and len(sweep_curve := pd.read_csv(sweep)):  # only with lr_policy range_test
+        sweep_curve.round(6).to_csv(metrics / "range_test" / f"{row}.csv", index=False, lineterminator="\n")
     fig = confusion_figure(predictions, summary["classes"], row)
     fig.savefig(metrics / "images" / f"{row}.png", dpi=80, metadata={"Software": None})
-    return summary | {"n_folds": len(summary["folds"])}
+    return summary | {"n_folds": len(summary["folds"])}, history
 
 
 def main() -> None:
@@ -66,8 +68,9 @@ def main() -> None:
     rows = sorted(params["ablation"]["rows"])
     corpus, confidence = params["data"]["corpus"], params["ablation"]["confidence"]
 
-    summaries = {row: read_row(args.results, args.metrics, row, f"evaluate@{row}") for row in rows}
-    summaries[BASELINE] = read_row(args.results, args.metrics, BASELINE, "baseline")
+    read = {row: read_row(args.results, args.metrics, row, f"evaluate@{row}") for row in rows}
+    summaries = {row: summary for row, (summary, _) in read.items()}
+    summaries[BASELINE], _ = read_row(args.results, args.metrics, BASELINE, "baseline")
     models = {row: row_model(params, row) for row in rows}
 
     frame = table_frame(params, models, summaries, corpus)
@@ -78,8 +81,8 @@ def main() -> None:
     print((args.metrics / "ablation.md").read_text())
 
     train, tail = params["train"], max(params["train"]["patience"], 1)
-    histories = {row: pd.read_csv(args.results / row / "history.csv") for row in rows}
-    convergence = convergence_frame(histories, train["max_epochs"], tail)
+    convergence = convergence_frame({row: history for row, (_, history) in read.items()},
+                                    train["max_epochs"], tail)
     (args.metrics / "training.md").write_text(
         convergence_markdown(convergence, train["max_epochs"], train["patience"], tail), encoding="utf-8",
         newline="\n")

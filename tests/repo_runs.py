@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import yaml
-from helpers import ROOT, only_rows, tiny_params
+from helpers import only_rows, tiny_params
 
 BIN = Path(sys.executable).parent
 TRACEBACK = "Traceback (most recent call last)"
@@ -51,21 +51,9 @@ def run(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.Compl
 def copy_repo(dest: Path) -> Path:
     """The repository's tracked shape (no data, no caches), as a fresh git repo, with the tiny
     configuration (helpers.tiny_params) and the ablation rows PIPELINE_ROWS."""
-    for name in ["dvc.yaml", "params.yaml", "pyproject.toml", ".gitignore", "stages", "src", ".dvc/config"]:
-        src, dst = ROOT / name, dest / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy(src, dst)
-    (dest / ".dvc" / ".gitignore").write_text("/config.local\n/tmp\n/cache\n")
-    params = only_rows(tiny_params(), PIPELINE_ROWS)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    run(["git", "init", "-q"], dest)
-    run(["git", "add", "-A"], dest)
-    run([*git, "commit", "-q", "-m", "repo"], dest)
-    return dest
+    from mdser.bench.pipeline import copy_repo as copy_tracked_shape
+
+    return copy_tracked_shape(dest, lambda _: only_rows(tiny_params(), PIPELINE_ROWS))
 
 
 def table_files(repo: Path) -> dict[str, bytes]:
