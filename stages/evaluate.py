@@ -55,8 +55,8 @@ def main() -> None:
         f["fold"]: confusion_figure(predictions[predictions["fold"] == f["fold"]], folds_doc["classes"])
         for f in summary["folds"]
     }
-    run_params = {"model": model, "train": params["train"], "arcface": params["arcface"],
-                  "softmax": params["softmax"], "data": {"corpus": corpus}}
+    run_params = {"model": model, "train": params["train"], model["head"]: params[model["head"]],
+                  "data": {"corpus": corpus}}
     fold_params = {k: {n: str(st[n]) for n in FOLD_PARAMS} for k, st in fold_stats.items()}
     log_row(corpus, args.row, run_params, summary, histories, predictions, figures,
             environment_tags(f"evaluate@{args.row}", inputs),

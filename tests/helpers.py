@@ -77,12 +77,11 @@ def only_rows(params: dict, rows: list[str]) -> dict:
 
 def trainer_config(model: dict | None = None, train: dict | None = None,
                    ) -> tuple[dict, dict, dict]:
-    """`(model, train, heads)` as `mdser.training.RowTrainer` takes them: the tiny
+    """`(model, train, head_params)` as `mdser.training.RowTrainer` takes them: the tiny
     configuration's sections with `model` and `train` over them, and the ArcFace margin at
     its full value from the first epoch (no warm-up)."""
     params = tiny_params({"model": model or {}, "train": train or {}, "arcface": {"margin_warmup": 0}})
-    heads = {"arcface": params["arcface"], "softmax": params["softmax"]}
-    return params["model"], params["train"], heads
+    return params["model"], params["train"], params[params["model"]["head"]]
 
 
 # --- the fit loop on a tiny in-memory fold (test_training and its subprocess) -------------------

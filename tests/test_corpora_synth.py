@@ -9,7 +9,6 @@ import pytest
 from mdser.audio import read_audio, resample
 from mdser.corpora import class_names, prepare
 from mdser.corpora.synth import EMODB_COUNTS, class_counts, generate
-from mdser.errors import UserError
 
 SYNTH = {"seed": 0, "speakers": 10, "utterances": 240, "sample_rate": 22050, "layout": "emodb"}
 IEMOCAP = {"root": "", "classes": ["neu", "hap", "sad", "ang"],
@@ -136,11 +135,3 @@ def test_iemocap_layout_is_read_by_the_iemocap_reader(tmp_path):
     assert (dialog_letter != df["speaker"].str[-1]).any()
     assert df["path"].str.startswith("IEMOCAP_full_release/Session").all()
 
-
-def test_bad_synth_parameters(tmp_path):
-    with pytest.raises(UserError, match="data.synth.utterances"):
-        generate(tmp_path, {**SYNTH, "utterances": 3})
-    with pytest.raises(UserError, match="data.synth.speakers"):
-        generate(tmp_path, {**SYNTH, "layout": "iemocap", "speakers": 4})
-    with pytest.raises(UserError, match="data.synth.layout"):
-        generate(tmp_path, {**SYNTH, "layout": "ravdess"})

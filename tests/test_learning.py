@@ -41,10 +41,9 @@ def test_every_row_fits_a_small_training_set(row):
     params = load_params()
     model_params = row_model(params, row)
     train = params["train"]
-    heads = {"arcface": params["arcface"], "softmax": params["softmax"]}
     frames, rows, labels = small_training_set()
     mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
-    trainer = RowTrainer(model_params, train, heads, N_CLASSES, N_MELS)
+    trainer = RowTrainer(model_params, train, params[model_params["head"]], N_CLASSES, N_MELS)
     budget = 1024
     batches = [pad_batch(frames, rows.iloc[b], mean, std) + (labels[b],)
                for b in length_batches(rows["frames"].to_numpy(), budget)]

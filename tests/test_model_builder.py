@@ -147,17 +147,6 @@ def test_paper_profile_builds():
     assert model.get_layer("cosine").get_weights()[0].shape == (32, 4)
 
 
-@pytest.mark.parametrize("levels", [[1, 5, 21], [0, 5], []])
-def test_spp_levels_beyond_the_frequency_axis_are_rejected(levels):
-    with pytest.raises(ValueError, match="model.spp_levels"):
-        build_model({**SMALL, "pooling": "spp", "spp_levels": levels}, n_classes=4)
-
-
-def test_unknown_choice_is_rejected():
-    with pytest.raises(ValueError, match="model.conv"):
-        build_model({**SMALL, "conv": "resnet"}, n_classes=4)
-
-
 # ----------------------------------------------------------------------------- runtime
 
 

@@ -169,7 +169,7 @@ def test_arcface_loss_matches_formula_including_theta_plus_m_beyond_pi():
     assert math.acos(-0.99) + M > math.pi
     logits = np_arcface_logits(cos, labels)
     want = -np_log_softmax(logits)[np.arange(5), labels]
-    got = np.asarray(per_sample_loss("arcface", ARCFACE, {})(labels, cos))
+    got = np.asarray(per_sample_loss("arcface", ARCFACE)(labels, cos))
     assert got.shape == (5,)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # the margin only ever lowers the target logit, so the loss exceeds plain softmax(s cos)
@@ -192,7 +192,7 @@ def test_softmax_loss_matches_numpy(smoothing):
     labels = rng.integers(0, 7, size=6)
     target = np.eye(7)[labels] * (1 - smoothing) + smoothing / 7
     want = -(target * np_log_softmax(logits.astype(np.float64))).sum(axis=1)
-    loss = per_sample_loss("softmax", ARCFACE, {"label_smoothing": smoothing})
+    loss = per_sample_loss("softmax", {"label_smoothing": smoothing})
     np.testing.assert_allclose(np.asarray(loss(labels, logits)), want, rtol=1e-5, atol=1e-6)
 
 
@@ -203,5 +203,5 @@ def test_class_probabilities_apply_no_margin():
     assert isinstance(probs, np.ndarray)
     np.testing.assert_allclose(probs, np.exp(np_log_softmax(S * cos)), rtol=1e-5, atol=1e-7)
     logits = rng.normal(size=(4, 3)).astype(np.float32)
-    np.testing.assert_allclose(class_probabilities("softmax", logits, ARCFACE),
+    np.testing.assert_allclose(class_probabilities("softmax", logits, {}),
                                np.exp(np_log_softmax(logits)), rtol=1e-5, atol=1e-7)

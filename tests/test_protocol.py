@@ -33,7 +33,7 @@ N_MELS = 8
 CLASSES = ["ang", "neu", "sad"]
 # the tiny configuration's trainer sections, narrower still: a 2-filter plain CNN with GMP and a
 # softmax head, one epoch with CLR bounds ten times apart
-MODEL, TRAIN, HEADS = trainer_config(
+MODEL, TRAIN, HEAD_PARAMS = trainer_config(
     model={"filters": 2, "conv": "plain", "merge": "sum", "pooling": "gmp", "spp_levels": [1, 2],
            "attention": False, "attention_units": 4, "fc_units": 4, "head": "softmax"},
     train={"folds": 1, "max_epochs": 1, "batch_frames": 256, "lr_policy": "fixed",
@@ -116,7 +116,7 @@ def test_fold_members_hold_exactly_the_speakers_of_their_role(sessions):
 def trainer():
     from mdser.training import RowTrainer
 
-    return RowTrainer(MODEL, TRAIN, HEADS, len(CLASSES), N_MELS)
+    return RowTrainer(MODEL, TRAIN, HEAD_PARAMS, len(CLASSES), N_MELS)
 
 
 def one_batch(seed: int = 0):
@@ -139,7 +139,7 @@ def per_utterance_loss_and_gradients(trainer, x, lengths, y, w):
 
     from mdser.model import per_sample_loss
 
-    loss_fn = per_sample_loss(MODEL["head"], HEADS["arcface"], HEADS["softmax"])
+    loss_fn = per_sample_loss(MODEL["head"], HEAD_PARAMS)
     variables = trainer.model.trainable_variables
     with tf.GradientTape() as tape:
         out = trainer.model({"features": x, "lengths": lengths}, training=True)

@@ -55,7 +55,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     for profile, filters in (("default", None), ("paper", 128)):
         model_params = row_model(params, row) | ({"filters": filters} if filters else {})
         model = build_model(model_params, 7, n_mels=n_mels)
-        loss_fn = per_sample_loss(model_params["head"], params["arcface"], params["softmax"])
+        loss_fn = per_sample_loss(model_params["head"], params[model_params["head"]])
         # one 30 s utterance (3001 frames, padded to 3008), then a full batch of short ones
         for b, t, n in ((1, 3008, 3001), (budget // 256, 256, 250)):
             x = rng.standard_normal((b, n_mels, t, 3)).astype(np.float32)

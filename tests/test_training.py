@@ -118,7 +118,7 @@ def test_standardization_and_padding():
 
 # the tiny configuration's trainer sections with the full model of the paper (MDCB, SPP,
 # attention, ArcFace), three epochs on helpers.tiny_fold
-TINY_MODEL, TINY_TRAIN, HEADS = trainer_config(
+TINY_MODEL, TINY_TRAIN, HEAD_PARAMS = trainer_config(
     model={"conv": "mdcb", "merge": "sum", "pooling": "spp", "spp_levels": [1, 2], "attention": True,
            "head": "arcface"},
     train={"max_epochs": 3, "batch_frames": 256, "lr_policy": "fixed", "lr_min": 1e-4, "lr_max": 5e-3,
@@ -131,12 +131,12 @@ def test_a_reused_trainer_gives_what_a_fresh_one_gives():
     """Folds after the first reuse the traced step; re-initialisation makes that invisible."""
     from mdser.training import RowTrainer
 
-    shared = RowTrainer(TINY_MODEL, TINY_TRAIN, HEADS, 3, 8)
+    shared = RowTrainer(TINY_MODEL, TINY_TRAIN, HEAD_PARAMS, 3, 8)
     fit(shared, TINY_TRAIN, fold=0)
     traced = shared.train_step.experimental_get_tracing_count()
     best, history, _ = fit(shared, TINY_TRAIN, fold=1)
     assert shared.train_step.experimental_get_tracing_count() == traced  # no retrace
-    fresh_best, fresh_history, _ = fit(RowTrainer(TINY_MODEL, TINY_TRAIN, HEADS, 3, 8),
+    fresh_best, fresh_history, _ = fit(RowTrainer(TINY_MODEL, TINY_TRAIN, HEAD_PARAMS, 3, 8),
                                        TINY_TRAIN, fold=1)
     assert same(best, fresh_best) and history == fresh_history
 
@@ -145,12 +145,12 @@ def test_a_reused_trainer_gives_what_a_fresh_one_gives():
 def test_a_fold_resumed_after_an_epoch_ends_as_an_uninterrupted_one(tmp_path):
     from mdser.training import RowTrainer
 
-    trainer = RowTrainer(TINY_MODEL, TINY_TRAIN, HEADS, 3, 8)
+    trainer = RowTrainer(TINY_MODEL, TINY_TRAIN, HEAD_PARAMS, 3, 8)
     whole_best, whole_history, whole_stats = fit(trainer, TINY_TRAIN, fold=0)
     checkpoint = tmp_path / "fold0.epoch.npz"
     fit(trainer, TINY_TRAIN | {"max_epochs": 1}, 0, checkpoint)  # "killed" after epoch 1
     assert checkpoint.exists() and not list(tmp_path.glob("*.tmp"))
-    fresh = RowTrainer(TINY_MODEL, TINY_TRAIN, HEADS, 3, 8)  # a new process
+    fresh = RowTrainer(TINY_MODEL, TINY_TRAIN, HEAD_PARAMS, 3, 8)  # a new process
     best, history, stats = fit(fresh, TINY_TRAIN, 0, checkpoint)
     assert same(best, whole_best)
     assert history == whole_history and stats == whole_stats
@@ -164,9 +164,9 @@ tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfigur
 sys.path.insert(0, sys.argv[1])
 from helpers import fit
 from mdser.training import RowTrainer
-TINY_MODEL, TINY_TRAIN, HEADS = json.loads(sys.argv[2])
-single = RowTrainer(TINY_MODEL, TINY_TRAIN, HEADS, 3, 8)
-mirrored = RowTrainer(TINY_MODEL, TINY_TRAIN, HEADS, 3, 8,
+TINY_MODEL, TINY_TRAIN, HEAD_PARAMS = json.loads(sys.argv[2])
+single = RowTrainer(TINY_MODEL, TINY_TRAIN, HEAD_PARAMS, 3, 8)
+mirrored = RowTrainer(TINY_MODEL, TINY_TRAIN, HEAD_PARAMS, 3, 8,
                       tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
 (b1, h1, _), (b2, h2, _) = fit(single, TINY_TRAIN, 0), fit(mirrored, TINY_TRAIN, 0)
 diff = max(float(np.abs(a - b).max()) for a, b in zip(b1, b2, strict=True))
@@ -183,7 +183,7 @@ def test_mirrored_strategy_over_two_devices_trains_as_one_device():
     import sys
     from pathlib import Path
 
-    config = json.dumps([TINY_MODEL, TINY_TRAIN, HEADS])
+    config = json.dumps([TINY_MODEL, TINY_TRAIN, HEAD_PARAMS])
     out = subprocess.run([sys.executable, "-c", MIRRORED, str(Path(__file__).parent), config],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -202,7 +202,7 @@ def test_a_device_out_of_memory_halves_the_batch_and_retrains_the_fold(tmp_path,
 
     from mdser.training import RowTrainer, fit_with_smaller_batches_on_oom
 
-    trainer = RowTrainer(TINY_MODEL, TINY_TRAIN, HEADS, 3, 8)
+    trainer = RowTrainer(TINY_MODEL, TINY_TRAIN, HEAD_PARAMS, 3, 8)
     step = trainer.train_step
 
     def small_memory_step(x, lengths, y, w):

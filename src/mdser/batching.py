@@ -71,7 +71,7 @@ def batches(
 class Predictor:
     """A traced inference function over variable-length batches."""
 
-    def __init__(self, model: Any, head: str, arcface: dict[str, Any]):
+    def __init__(self, model: Any, head: str, head_params: dict[str, Any]):
         import tensorflow as tf
 
         from mdser.model import class_probabilities
@@ -82,7 +82,7 @@ class Predictor:
         @tf.function(input_signature=spec, reduce_retracing=True)
         def probabilities(x: Any, lengths: Any) -> Any:
             outputs = model({"features": x, "lengths": lengths}, training=False)
-            return class_probabilities(head, outputs, arcface)
+            return class_probabilities(head, outputs, head_params)
 
         self.probabilities = probabilities
 

@@ -74,7 +74,7 @@ def test_predictions(
     index, frames = open_features(feature_store)
     classes = folds_doc["classes"]
     model = build_model(model_params, len(classes), n_mels=frames.shape[1])
-    predict = Predictor(model, model_params["head"], params["arcface"])  # traced once, all folds
+    predict = Predictor(model, model_params["head"], params[model_params["head"]])  # traced once, all folds
     parts = []
     for fold in folds_doc["folds"][: params["train"]["folds"]]:
         fold_dir = models_dir / f"fold_{fold['fold']}"

@@ -49,7 +49,7 @@ def ensemble_model(params: dict[str, Any], models: RowModels, n_mels: int) -> An
     from mdser.model import build_model, class_probabilities
     from mdser.model.layers import MaskFrames
 
-    head, arcface = models.model_params["head"], params["arcface"]
+    head = models.model_params["head"]
     n_classes = len(models.classes)
 
     class StandardizedFold(keras.layers.Layer):
@@ -64,7 +64,7 @@ def ensemble_model(params: dict[str, Any], models: RowModels, n_mels: int) -> An
 
         def call(self, features: Any, lengths: Any) -> Any:
             x = self.mask((features - self.mean) / self.std, lengths)  # padding stays zero
-            return class_probabilities(head, self.model({"features": x, "lengths": lengths}), arcface)
+            return class_probabilities(head, self.model({"features": x, "lengths": lengths}), params[head])
 
         def compute_output_shape(self, features_shape: Any, lengths_shape: Any = None) -> tuple:
             return (features_shape[0], n_classes)

@@ -25,11 +25,20 @@ class Strict(BaseModel):
 
 
 class Synth(Strict):
+    """The built-in corpus (`mdser.corpora.synth`); its bounds are the generator's only checks."""
+
     seed: int
-    speakers: Annotated[int, Field(ge=2)]
-    utterances: Annotated[int, Field(ge=14)]
-    sample_rate: Annotated[int, Field(ge=8000)]
+    speakers: Annotated[int, Field(ge=2, le=90)]
+    utterances: Annotated[int, Field(ge=14)]  # at least 2 per class of the 7-class layout
+    sample_rate: Annotated[int, Field(ge=8000, le=96000)]
     layout: Literal["emodb", "iemocap"]
+
+    @model_validator(mode="after")
+    def _iemocap_speakers(self) -> Synth:
+        if self.layout == "iemocap" and self.speakers != 10:
+            raise ValueError(f"data.synth.speakers = {self.speakers}: the iemocap layout needs 10 "
+                             "(5 sessions x 2)")
+        return self
 
 
 class Emodb(Strict):

@@ -108,7 +108,8 @@ def fold_probabilities(
 
     configure(params["train"])
     model = build_model(models.model_params, len(models.classes), n_mels=frames.shape[1])
-    predict = Predictor(model, models.model_params["head"], params["arcface"])  # traced once, all folds
+    head = models.model_params["head"]
+    predict = Predictor(model, head, params[head])  # traced once, all folds
     out = []
     for fold in models.folds:
         model.load_weights(fold.weights)

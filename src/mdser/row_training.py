@@ -90,9 +90,9 @@ def train_row(
 
     train, classes = params["train"], folds_doc["classes"]
     index, frames, meta, selected = open_fold_features(feature_store, folds_doc, train["folds"])
-    heads = {"arcface": params["arcface"], "softmax": params["softmax"]}
-    inputs = [model_params, train, heads, meta, sha256_file(feature_store / FEATURES_FILE), code_digest(),
-              classes]
+    head_params = params[model_params["head"]]
+    inputs = [model_params, train, head_params, meta, sha256_file(feature_store / FEATURES_FILE),
+              code_digest(), classes]
     keys = {fold["fold"]: fold_key(*inputs, fold) for fold in selected}
     resume_dir.mkdir(parents=True, exist_ok=True)
     pending = [f for f in selected if not (resume_dir / keys[f["fold"]] / "fold.json").exists()]
@@ -103,7 +103,7 @@ def train_row(
         thread = threading.get_ident()
         if thread not in trainers:
             with KERAS_GLOBALS:
-                trainers[thread] = RowTrainer(model_params, train, heads, len(classes), frames.shape[1])
+                trainers[thread] = RowTrainer(model_params, train, head_params, len(classes), frames.shape[1])
         trainer, key = trainers[thread], keys[fold["fold"]]
         members = fold_members(index, fold)
         fit_members = {"train": members["train"], "val": members["val"], "all": index}

@@ -126,11 +126,12 @@ class RowTrainer:
     """The model, optimizer and traced train and predict functions of one ablation row.
 
     Built and traced once; `start_fold` re-initialises the weights (as a model built
-    with the fold's seed) and the optimizer, so later folds pay no tracing.
+    with the fold's seed) and the optimizer, so later folds pay no tracing. `head_params`
+    is the row's head section of params.yaml, `params[model_params["head"]]`.
     """
 
     def __init__(
-        self, model_params: dict[str, Any], train: dict[str, Any], heads: dict[str, Any],
+        self, model_params: dict[str, Any], train: dict[str, Any], head_params: dict[str, Any],
         n_classes: int, n_mels: int, strategy: Any = None,
     ):
         import keras
@@ -142,7 +143,7 @@ class RowTrainer:
         default = configure(train)  # also sets op determinism and the precision policy
         self.strategy = strategy = strategy or default
         self.fixed_bounds = (train["lr_min"], train["lr_max"])
-        self.margin_warmup = heads["arcface"]["margin_warmup"] if model_params["head"] == "arcface" else 0
+        self.margin_warmup = head_params["margin_warmup"] if model_params["head"] == "arcface" else 0
         with strategy.scope():
             self.schedule = learning_rate_schedule()  # set per fold
             self.model = self.build()
@@ -152,7 +153,7 @@ class RowTrainer:
             optimizer.build(self.model.trainable_variables)  # else the first step is traced twice
         self.optimizer = optimizer
         self.initial_optimizer = [v.numpy() for v in optimizer.variables]
-        loss_fn = per_sample_loss(model_params["head"], heads["arcface"], heads["softmax"])
+        loss_fn = per_sample_loss(model_params["head"], head_params)
         model, variables = self.model, self.model.trainable_variables
 
         self.margin_warmup_steps = tf.Variable(0.0, trainable=False, name="margin_warmup_steps")
@@ -192,7 +193,7 @@ class RowTrainer:
                 return strategy.reduce("SUM", losses, axis=None)
 
             self.train_step = lambda *batch: mirrored_step(*self.shard(*batch))
-        self.predict = Predictor(model, model_params["head"], heads["arcface"])
+        self.predict = Predictor(model, model_params["head"], head_params)
         self.predict.probabilities.get_concrete_function()
 
     def shard(self, x: np.ndarray, lengths: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple:

@@ -15,7 +15,7 @@ import numpy as np
 from mdser.bench.data import EMODB, FRAMES_PER_S, IEMOCAP, no_standardization, synthetic_set
 from mdser.bench.flops import model_flops
 from mdser.bench.machine import GpuUtilization
-from mdser.bench.training import Trainer, head_params
+from mdser.bench.training import Trainer
 
 
 def gpu_figures(params: dict[str, Any], paper: dict[str, Any], n_utts: int,
@@ -40,7 +40,7 @@ def gpu_figures(params: dict[str, Any], paper: dict[str, Any], n_utts: int,
             name = f"{'mixed' if mixed else 'fp32'}{'+xla' if xla else ''}"
             train = params["train"] | {"mixed_precision": mixed, "xla": xla}
             try:
-                trainer = Trainer(paper, train, head_params(params), n_classes, n_mels)
+                trainer = Trainer(paper, train, params[paper["head"]], n_classes, n_mels)
                 trainer.run(frames, rows, labels, weights, groups[:2], mean, std)
                 with GpuUtilization() as util:
                     res = trainer.run(frames, rows, labels, weights, groups, mean, std)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from mdser.bench.report import TARGETS
-from mdser.bench.training import Trainer, head_params
+from mdser.bench.training import Trainer
 
 
 def growth_epoch(params: dict[str, Any], store: Path, model_params: dict[str, Any],
@@ -37,7 +37,7 @@ def growth_epoch(params: dict[str, Any], store: Path, model_params: dict[str, An
     groups = length_batches(index["frames"].to_numpy(), train["batch_frames"],
                             np.random.default_rng(0))
     if trainer is None:
-        trainer = Trainer(model_params, train, head_params(params), len(classes), frames.shape[1])
+        trainer = Trainer(model_params, train, params[model_params["head"]], len(classes), frames.shape[1])
         trainer.run(frames, index, labels, weights, groups[:1], mean, std)  # trace
     # best of two epochs: the first one also pays for padded shapes not seen before
     epoch = min((trainer.run(frames, index, labels, weights, groups, mean, std) for _ in range(2)),

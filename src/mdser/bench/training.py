@@ -35,19 +35,14 @@ def profiles(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def head_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The classifier heads' parameters, as `RowTrainer` takes them."""
-    return {"arcface": params["arcface"], "softmax": params["softmax"]}
-
-
 class Trainer:
     """The library's `RowTrainer` (the model and traced step of `fit_fold`), timed."""
 
     def __init__(self, model_params: dict[str, Any], train: dict[str, Any],
-                 heads: dict[str, Any], n_classes: int, n_mels: int, steps_per_cycle: int = 10):
+                 head_params: dict[str, Any], n_classes: int, n_mels: int, steps_per_cycle: int = 10):
         from mdser.training import RowTrainer
 
-        self.row = RowTrainer(model_params, train, heads, n_classes, n_mels)
+        self.row = RowTrainer(model_params, train, head_params, n_classes, n_mels)
         self.row.start_fold(train["seed"], steps_per_cycle)
         self.model, self.step = self.row.model, self.row.train_step
         self.flops = model_flops(self.model)
@@ -84,13 +79,13 @@ class Trainer:
         }
 
 
-def masked_equality(model: Any, head: str, arcface: dict[str, Any], frames: np.ndarray,
+def masked_equality(model: Any, head: str, head_params: dict[str, Any], frames: np.ndarray,
                     rows: pd.DataFrame, batch_frames: int) -> dict[str, Any]:
     """Max |p_bucketed - p_alone| of the class probabilities (library `Predictor`)."""
     from mdser.batching import Predictor, length_batches
 
     mean, std = no_standardization()
-    predict = Predictor(model, head, arcface)
+    predict = Predictor(model, head, head_params)
     together = predict(frames, rows, mean, std, batch_frames)
     alone = predict(frames, rows, mean, std, 1)  # budget 1 frame: one utterance per batch
     sizes = [len(b) for b in length_batches(rows["frames"].to_numpy(), batch_frames)]
@@ -112,7 +107,7 @@ def training_profile(name: str, model_params: dict[str, Any], params: dict[str, 
     weights = class_weights(labels, n_classes, train["class_weight_alpha"]).astype(np.float32)
     mean, std = no_standardization()
     t0 = time.perf_counter()
-    trainer = Trainer(model_params, train, head_params(params), n_classes, n_mels)
+    trainer = Trainer(model_params, train, params[model_params["head"]], n_classes, n_mels)
     build_s = time.perf_counter() - t0
     groups = length_batches(lengths, batch_frames, np.random.default_rng(seed + 1))
     t0 = time.perf_counter()
@@ -135,7 +130,7 @@ def training_profile(name: str, model_params: dict[str, Any], params: dict[str, 
     tiny = [trainer.run(frames, tiny_rows.reset_index(drop=True), labels[short], weights,
                         [np.array([0])], mean, std)["wall_s"] for _ in range(5)]
     eq_rows = rows.iloc[: min(n_equal, n_utts)].reset_index(drop=True)
-    equality = masked_equality(trainer.model, trainer.head, params["arcface"], frames, eq_rows,
+    equality = masked_equality(trainer.model, trainer.head, params[trainer.head], frames, eq_rows,
                                batch_frames)
     return {
         "model": model_params, "flops": trainer.flops, "batch_frames": batch_frames,
@@ -162,7 +157,7 @@ def batch_budget_sweep(model_params: dict[str, Any], params: dict[str, Any], n_u
                                                   n_classes, seed)
     weights = class_weights(labels, n_classes).astype(np.float32)
     mean, std = no_standardization()
-    trainer = Trainer(model_params, params["train"], head_params(params), n_classes, frames.shape[1])
+    trainer = Trainer(model_params, params["train"], params[model_params["head"]], n_classes, frames.shape[1])
     trainer.run(frames, rows, labels, weights, [np.arange(2)], mean, std)  # trace
     out = {}
     for budget in budgets:
@@ -182,7 +177,7 @@ def trace_cost(model_params: dict[str, Any], params: dict[str, Any], n_classes: 
     _, frames, rows, labels = synthetic_set(4, params["features"]["n_mels"], n_classes)
     x, n = pad_batch(frames, rows, *no_standardization())
     y, w = labels.astype(np.int32), np.ones(len(labels), np.float32)
-    trainer = Trainer(model_params, params["train"], head_params(params), n_classes, x.shape[1])
+    trainer = Trainer(model_params, params["train"], params[model_params["head"]], n_classes, x.shape[1])
     out = {}
     for key in ("first_fold", "next_fold"):
         if key == "next_fold":

@@ -46,18 +46,18 @@ def prepare(
     """
     raw_dir = Path(raw_dir)
     corpus = data["corpus"]
-    min_duration = float(data.get("min_duration", 0.0))
+    min_duration = float(data["min_duration"])
     info: dict = {"corpus": corpus}
     if corpus == "synth":
         from mdser.corpora.synth import generate  # scipy: imported only when needed
 
         generate(raw_dir, data["synth"])
-        if data["synth"].get("layout", "emodb") == "emodb":
+        if data["synth"]["layout"] == "emodb":
             df = read_emodb(raw_dir, "synth", min_duration)
         else:
             df = read_iemocap(raw_dir / "IEMOCAP_full_release", data, raw_dir)
     elif corpus == "emodb":
-        url, expected = data["emodb"]["url"], normalize_sha256(data["emodb"].get("sha256", ""))
+        url, expected = data["emodb"]["url"], normalize_sha256(data["emodb"]["sha256"])
         archive, actual = fetch_archive(url, expected, Path(cache_dir or raw_dir / "archive"))
         info.update(archive_url=url, archive_sha256=actual, sha256_verified=bool(expected))
         if not expected:
@@ -69,15 +69,8 @@ def prepare(
             info["notice"] = notice
         safe_extract_zip(archive, raw_dir)
         df = read_emodb(raw_dir, "emodb", min_duration)
-    elif corpus == "iemocap":
-        root = str(data["iemocap"].get("root") or "")
-        if not root:
-            raise UserError(
-                "data.iemocap.root is empty: set it to your IEMOCAP_full_release folder"
-            )
-        df = read_iemocap(Path(root), data, raw_dir)
-    else:
-        raise UserError(f"data.corpus: unknown corpus {corpus!r}; allowed: synth, emodb, iemocap")
+    else:  # iemocap (the schema allows these three)
+        df = read_iemocap(Path(data["iemocap"]["root"]), data, raw_dir)
     info["warnings"] = list(df.attrs.get("warnings", []))
     check_coverage(df, class_names(data))
     return df, info

@@ -112,9 +112,8 @@ def read_iemocap(root: Path, data: dict, raw_dir: Path | None = None) -> pd.Data
     check_root(root)
     cfg = data["iemocap"]
     classes = set(cfg["classes"])
-    merge_exc = bool(cfg.get("merge_exc_into_hap", False))
-    include_scripted = bool(cfg.get("include_scripted", False))
-    corpus = data.get("corpus", "iemocap")
+    merge_exc, include_scripted = bool(cfg["merge_exc_into_hap"]), bool(cfg["include_scripted"])
+    corpus = data["corpus"]
 
     rows: list[dict] = []
     warnings: list[str] = []
@@ -147,7 +146,7 @@ def read_iemocap(root: Path, data: dict, raw_dir: Path | None = None) -> pd.Data
         log.warning(w)
     if not rows:
         raise UserError(f"{root}: no .wav files under Session*/sentences/wav")
-    df = check_audio(rows, raw_dir, float(data.get("min_duration", 0.0)))
+    df = check_audio(rows, raw_dir, float(data["min_duration"]))
     df.attrs["warnings"] = warnings
     return df
 

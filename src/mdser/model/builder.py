@@ -33,7 +33,7 @@ from collections.abc import Mapping
 import keras
 from keras import layers
 
-from mdser.model.heads import HEADS, CosineClassifier
+from mdser.model.heads import CosineClassifier
 from mdser.model.layers import (
     LEAKY_SLOPE,
     BinAttention,
@@ -45,8 +45,6 @@ from mdser.model.layers import (
 )
 
 CONVS = ("plain", "ff", "dilated", "mdcb")
-MERGES = ("sum", "concat")
-POOLINGS = ("gmp", "spp")
 N_STACK = 7  # layers/blocks after the initial layer: 8 layers in total (paper, Table 1)
 TIME_KERNEL = 3
 FREQ_KERNEL = 5
@@ -81,27 +79,6 @@ def stack_receptive_field(conv: str) -> int:
     """Time-axis RF (in frames after the initial pooling) of layers 2-8: a multi-branch block
     reaches as far as its widest branch."""
     return receptive_field(TIME_KERNEL, [max(block) for block in dilation_schedule(conv)])
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def check_model_params(model: Mapping, n_mels: int = 40) -> dict:
-    """Validate the ``model`` parameters and return them as a plain dict."""
-    cfg = dict(model)
-    for key, allowed in (("conv", CONVS), ("merge", MERGES), ("pooling", POOLINGS),
-                         ("head", HEADS)):
-        if cfg[key] not in allowed:
-            raise ValueError(f"model.{key} must be one of {allowed}, got {cfg[key]!r}")
-    n_freq = n_mels // 2
-    if cfg["pooling"] == "spp":
-        levels = [int(n) for n in cfg["spp_levels"]]
-        if not levels or min(levels) < 1 or max(levels) > n_freq:
-            raise ValueError(
-                f"model.spp_levels must be integers in [1, {n_freq}] (the {n_freq} frequency "
-                f"bands after the initial pooling), got {cfg['spp_levels']!r}")
-        cfg["spp_levels"] = levels
-    return cfg
 
 
 # ----------------------------------------------------------------------------- conv section
@@ -178,31 +155,31 @@ def build_model(model: Mapping, n_classes: int, n_mels: int = 40) -> keras.Model
     ``lengths`` int32 (B,), the true frame counts (at least 2, so that one frame survives the
     initial pooling; shorter utterances would leave SPP bins empty). Output float32
     (B, n_classes): logits for head=softmax, cos(theta_j) without margin for head=arcface.
+    The parameters are the ones `mdser.params` validated (the one check of their values).
     """
-    cfg = check_model_params(model, n_mels)
-    filters = int(cfg["filters"])
+    filters = int(model["filters"])
     features = keras.Input((n_mels, None, 3), name="features", dtype="float32")
     lengths = keras.Input((), name="lengths", dtype="int32")
 
-    x, frames = initial_layer(features, lengths, cfg["conv"], filters)
-    x = conv_stack(x, frames, cfg["conv"], filters, cfg["merge"])
+    x, frames = initial_layer(features, lengths, model["conv"], filters)
+    x = conv_stack(x, frames, model["conv"], filters, model["merge"])
 
-    if cfg["pooling"] == "gmp":
+    if model["pooling"] == "gmp":
         bins = MaskedGlobalMaxPooling(name="gmp")(x, frames)  # (B, 1, C)
     else:
-        bins = SpatialPyramidPooling(cfg["spp_levels"], n_mels // 2, name="spp")(x, frames)  # (B, K, C)
-    if cfg["attention"]:
-        bins, _ = BinAttention(int(cfg["attention_units"]), name="attention")(bins)
+        bins = SpatialPyramidPooling(model["spp_levels"], n_mels // 2, name="spp")(x, frames)  # (B, K, C)
+    if model["attention"]:
+        bins, _ = BinAttention(int(model["attention_units"]), name="attention")(bins)
 
     h = layers.Flatten(name="flatten")(bins)
-    h = layers.Dense(int(cfg["fc_units"]), name="fc")(h)
+    h = layers.Dense(int(model["fc_units"]), name="fc")(h)
     h = layers.LeakyReLU(LEAKY_SLOPE, name="fc_act")(h)
-    if cfg["head"] == "softmax":
+    if model["head"] == "softmax":
         out = layers.Dense(n_classes, dtype="float32", name="logits")(h)
     else:
         out = CosineClassifier(n_classes, name="cosine")(h)
 
-    name = f"mdser_{cfg['conv']}_{cfg['pooling']}{'_att' if cfg['attention'] else ''}_{cfg['head']}"
+    name = f"mdser_{model['conv']}_{model['pooling']}{'_att' if model['attention'] else ''}_{model['head']}"
     return keras.Model({"features": features, "lengths": lengths}, out, name=name)
 
 

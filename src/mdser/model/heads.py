@@ -87,22 +87,23 @@ def sparse_cross_entropy(labels, logits, label_smoothing: float = 0.0):
     return -ops.sum(target * ops.log_softmax(logits, axis=-1), axis=-1)
 
 
-def per_sample_loss(head: str, arcface: Mapping, softmax: Mapping) -> Callable:
+def per_sample_loss(head: str, head_params: Mapping) -> Callable:
     """``loss(labels (B,) int, outputs (B, C), margin_fraction=1) -> (B,)`` for the head.
 
-    softmax: cross-entropy of the logits with ``softmax['label_smoothing']``.
+    ``head_params`` is the head's own section of params.yaml (``params[head]``).
+    softmax: cross-entropy of the logits with ``label_smoothing``.
     arcface: cross-entropy of the ArcFace logits (Eq. 12-14, scale ``s``) with the margin
     ``margin_fraction * m``: training ramps it from 0 to ``m`` (``arcface.margin_warmup``).
     """
     if head == "softmax":
-        smoothing = float(softmax["label_smoothing"])
+        smoothing = float(head_params["label_smoothing"])
 
         def softmax_loss(labels, logits, margin_fraction=1.0):
             return sparse_cross_entropy(labels, logits, smoothing)
 
         return softmax_loss
     if head == "arcface":
-        m, s = float(arcface["m"]), float(arcface["s"])
+        m, s = float(head_params["m"]), float(head_params["s"])
 
         def arcface_loss(labels, cosines, margin_fraction=1.0):
             return sparse_cross_entropy(labels, arcface_logits(cosines, labels, margin_fraction * m, s))
@@ -111,10 +112,11 @@ def per_sample_loss(head: str, arcface: Mapping, softmax: Mapping) -> Callable:
     raise ValueError(f"model.head must be one of {HEADS}, got {head!r}")
 
 
-def class_probabilities(head: str, outputs, arcface: Mapping):
-    """Class probabilities without margin: softmax(logits) or softmax(s * cos(theta))."""
+def class_probabilities(head: str, outputs, head_params: Mapping):
+    """Class probabilities without margin: softmax(logits) or softmax(s * cos(theta)),
+    ``head_params`` being the head's section of params.yaml."""
     logits = ops.cast(outputs, "float32")
     if head == "arcface":
-        logits = float(arcface["s"]) * logits
+        logits = float(head_params["s"]) * logits
     probs = ops.softmax(logits, axis=-1)
     return ops.convert_to_numpy(probs) if isinstance(outputs, np.ndarray) else probs
