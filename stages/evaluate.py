@@ -35,7 +35,7 @@ def main() -> None:
     folds_doc = read_folds(args.folds)
     corpus = params["data"]["corpus"]
 
-    predictions = test_predictions(params, model, args.features, folds_doc, args.models)
+    predictions = test_predictions(params, args.features, folds_doc, args.models)
     summary = summarize(predictions, folds_doc["classes"], params["ablation"]["confidence"])
     fold_dirs = {f["fold"]: args.models / f"fold_{f['fold']}" for f in summary["folds"]}
     histories = {k: pd.read_csv(d / "history.csv") for k, d in fold_dirs.items()}
@@ -59,7 +59,7 @@ def main() -> None:
                   "data": {"corpus": corpus}}
     fold_params = {k: {n: str(st[n]) for n in FOLD_PARAMS} for k, st in fold_stats.items()}
     log_row(corpus, args.row, run_params, summary, histories, predictions, figures,
-            environment_tags(f"evaluate@{args.row}", inputs),
+            environment_tags(f"evaluate@{args.row}", inputs, fold_stats[min(fold_stats)]),
             f"{params['mlflow']['experiment_prefix']}-{corpus}", fold_params=fold_params,
             range_tests=range_tests)
     print(f"{args.row}: test UA {100 * summary['ua_mean']:.2f} ± {100 * summary['ua_std']:.2f} "

@@ -2,11 +2,24 @@
 
 import numpy as np
 import pandas as pd
+import pytest
 from scipy import stats
-from sklearn.metrics import accuracy_score, balanced_accuracy_score
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    recall_score,
+)
 
 from mdser.evaluation import summarize
-from mdser.statistics import unweighted_accuracy, weighted_accuracy
+from mdser.statistics import (
+    class_recalls,
+    confusion_counts,
+    macro_f1,
+    unweighted_accuracy,
+    weighted_accuracy,
+)
 
 
 def test_ua_is_balanced_accuracy_and_wa_is_accuracy():
@@ -16,6 +29,21 @@ def test_ua_is_balanced_accuracy_and_wa_is_accuracy():
         p = np.where(rng.random(200) < 0.6, y, rng.integers(0, 5, 200))
         assert np.isclose(unweighted_accuracy(y, p), balanced_accuracy_score(y, p))
         assert np.isclose(weighted_accuracy(y, p), accuracy_score(y, p))
+
+
+def test_confusion_recall_and_macro_f1_are_scikit_learns():
+    """Including classes never predicted, never present, and a class absent from both."""
+    rng = np.random.default_rng(1)
+    labels = list(range(6))
+    for trial in range(30):
+        y = rng.integers(0, 4 if trial % 3 else 6, 60)
+        p = np.where(rng.random(60) < 0.5, y, rng.integers(0, 5, 60))
+        cm = confusion_counts(y, p, 6)
+        assert cm.tolist() == confusion_matrix(y, p, labels=labels).tolist()
+        np.testing.assert_allclose(class_recalls(cm), recall_score(
+            y, p, labels=labels, average=None, zero_division=0), rtol=0, atol=1e-15)
+        assert macro_f1(cm) == pytest.approx(
+            f1_score(y, p, labels=labels, average="macro", zero_division=0), abs=1e-15)
 
 
 def test_ua_differs_from_wa_under_imbalance():

@@ -113,8 +113,7 @@ def test_each_fold_gives_what_evaluate_gives_and_the_row_their_mean(repo, tmp_pa
     monkeypatch.chdir(repo)
     params = load_params("params.yaml")
     folds_doc = read_folds(Path("data/splits.json"))
-    evaluated = test_predictions(params, row_model(params, ROW), Path("data/features"), folds_doc,
-                                 Path("models") / ROW)
+    evaluated = test_predictions(params, Path("data/features"), folds_doc, Path("models") / ROW)
     models = load_row(params, ROW, Path("models") / ROW, Path("data/splits.json"))
     for fold in (0, 1):
         test_row = evaluated[evaluated["fold"] == fold].iloc[0]

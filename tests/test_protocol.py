@@ -246,15 +246,25 @@ def row_params(train: dict) -> dict:
 
 def spied_train_row(store: dict, fold: dict, train: dict, tmp: Path) -> dict:
     """Run the real train_row on one fold; return the utterances of every pad_batch call
-    and the (labels, weights) of every train step."""
+    while training and selecting (`batches`) and while scoring the test speaker once the
+    fold's model is chosen (`scored`), and the (labels, weights) of every train step."""
     from mdser import batching, row_training
 
-    batches, steps = [], []
+    batches, scored, steps = [], [], []
+    phase = {"batches": batches}
     real_pad_batch, real_trainer = batching.pad_batch, row_training.RowTrainer
+    real_score = row_training.score_test_speaker
 
     def pad_batch_spy(frames, rows, mean, std):
-        batches.append(list(rows["utt_id"]))
+        phase["batches"].append(list(rows["utt_id"]))
         return real_pad_batch(frames, rows, mean, std)
+
+    def score_spy(*args, **kwargs):
+        phase["batches"] = scored
+        try:
+            return real_score(*args, **kwargs)
+        finally:
+            phase["batches"] = batches
 
     class StepSpy(real_trainer):
         def __init__(self, *args, **kwargs):
@@ -271,10 +281,11 @@ def spied_train_row(store: dict, fold: dict, train: dict, tmp: Path) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(batching, "pad_batch", pad_batch_spy)
         mp.setattr(row_training, "RowTrainer", StepSpy)
+        mp.setattr(row_training, "score_test_speaker", score_spy)
         results = row_training.train_row(row_params(train), "tiny", dict(MODEL), store["path"],
                                      folds_doc, tmp / "out", tmp / "resume")
     assert [r["fold"] for r in results] == [fold["fold"]]
-    return {"batches": batches, "steps": steps}
+    return {"batches": batches, "scored": scored, "steps": steps}
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +318,9 @@ def test_training_and_selection_never_read_a_test_speaker_utterance(trained, sto
     assert utts["train"] <= read  # every training utterance was trained on
     assert utts["val"] <= read  # and the validation speaker was read (checkpoint selection)
     assert read <= utts["train"] | utts["val"]
+    # what `evaluate` reports: the chosen model on exactly the test speaker's utterances
+    scored = {u for batch in seen["scored"] for u in batch}
+    assert scored == set(index.index[index["speaker"] == fold["test"]])
 
 
 def test_the_fit_loop_weighs_each_utterance_by_eq15(trained, store):

@@ -21,11 +21,9 @@ def summarize(predictions: pd.DataFrame, classes: list[str], confidence: float =
     `ua_ci_low`/`ua_ci_high`: the `confidence` Student-t interval of the mean fold
     UA (`mdser.statistics.t_interval`; None with fewer than 2 folds).
     """
-    from sklearn.metrics import confusion_matrix, f1_score, recall_score  # here: `train` skips its import
+    from mdser.statistics import class_recalls, confusion_counts, macro_f1, t_interval
 
-    from mdser.statistics import t_interval
-
-    labels = list(range(len(classes)))
+    n = len(classes)
     code = {c: i for i, c in enumerate(classes)}
     y = predictions["actual"].map(code).to_numpy()
     p = predictions["predicted"].map(code).to_numpy()
@@ -35,11 +33,10 @@ def summarize(predictions: pd.DataFrame, classes: list[str], confidence: float =
         folds.append({
             "fold": int(fold), "test_speaker": str(part["speaker"].iloc[0]),
             "ua": unweighted_accuracy(yt, yp), "wa": weighted_accuracy(yt, yp),
-            "macro_f1": float(f1_score(yt, yp, labels=labels, average="macro", zero_division=0)),
-            "n": int(len(part)),
+            "macro_f1": macro_f1(confusion_counts(yt, yp, n)), "n": int(len(part)),
         })
     per_fold = pd.DataFrame(folds)
-    recall = recall_score(y, p, labels=labels, average=None, zero_division=0)
+    confusion = confusion_counts(y, p, n)
     interval = t_interval(per_fold["ua"], confidence)
     return {
         "folds": folds,
@@ -50,39 +47,37 @@ def summarize(predictions: pd.DataFrame, classes: list[str], confidence: float =
         "wa_mean": float(per_fold["wa"].mean()), "wa_std": float(per_fold["wa"].std(ddof=0)),
         "macro_f1_mean": float(per_fold["macro_f1"].mean()),
         "pooled_ua": unweighted_accuracy(y, p), "pooled_wa": weighted_accuracy(y, p),
-        "pooled_macro_f1": float(f1_score(y, p, labels=labels, average="macro", zero_division=0)),
-        "recall": {c: float(r) for c, r in zip(classes, recall, strict=True)},
-        "confusion": confusion_matrix(y, p, labels=labels).tolist(),
+        "pooled_macro_f1": macro_f1(confusion),
+        "recall": {c: float(r) for c, r in zip(classes, class_recalls(confusion), strict=True)},
+        "confusion": confusion.tolist(),
         "classes": classes,
     }
 
 
 def test_predictions(
-    params: dict[str, Any], model_params: dict[str, Any], feature_store: Any,
-    folds_doc: dict[str, Any], models_dir: Any,
+    params: dict[str, Any], feature_store: Any, folds_doc: dict[str, Any], models_dir: Any,
 ) -> pd.DataFrame:
-    """Each trained fold's model applied to its test speaker: one row per utterance."""
-    import json
+    """Each trained fold's model on its test speaker: one row per utterance.
 
-    from mdser.batching import Predictor
-    from mdser.model import build_model
-    from mdser.runtime import configure
+    The probabilities are the ones `train` wrote beside each fold's weights
+    (`row_training.score_test_speaker`), so evaluating needs no TensorFlow; the utterances
+    must be the fold's test speaker's in the feature store, or the models are stale.
+    """
+    from mdser.errors import UserError
     from mdser.splits import fold_members
-    from mdser.stores import open_features
+    from mdser.stores import TEST_PROBABILITIES_FILE, read_index
 
-    configure(params["train"])
-    index, frames = open_features(feature_store)
+    index = read_index(feature_store)
     classes = folds_doc["classes"]
-    model = build_model(model_params, len(classes), n_mels=frames.shape[1])
-    predict = Predictor(model, model_params["head"], params[model_params["head"]])  # traced once, all folds
     parts = []
     for fold in folds_doc["folds"][: params["train"]["folds"]]:
-        fold_dir = models_dir / f"fold_{fold['fold']}"
-        stats = json.loads((fold_dir / "fold.json").read_text())
-        model.load_weights(fold_dir / "model.weights.h5")
+        path = models_dir / f"fold_{fold['fold']}" / TEST_PROBABILITIES_FILE
+        scored = pd.read_csv(path, dtype={"utt_id": str})
         test = fold_members(index, fold)["test"].reset_index(drop=True)
-        mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
-        probs = predict(frames, test, mean, std, params["train"]["batch_frames"])
+        if list(scored["utt_id"]) != list(test["utt_id"]) or list(scored.columns[1:]) != classes:
+            raise UserError(f"{path}: not the test utterances {fold['test']!r} of fold "
+                            f"{fold['fold']} and classes {classes}; re-run `dvc repro`")
+        probs = scored[classes].to_numpy(np.float32)
         parts.append(prediction_frame(fold["fold"], test, probs, classes))
     return pd.concat(parts, ignore_index=True)
 
@@ -111,9 +106,11 @@ def confusion_figure(predictions: pd.DataFrame, classes: list[str], title: str =
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import confusion_matrix
 
-    cm = confusion_matrix(predictions["actual"], predictions["predicted"], labels=classes)
+    from mdser.statistics import confusion_counts
+
+    code = {c: i for i, c in enumerate(classes)}
+    cm = confusion_counts(predictions["actual"].map(code), predictions["predicted"].map(code), len(classes))
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(classes), 0.8 + 0.7 * len(classes)))
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")

@@ -20,10 +20,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from mdser.console import progress_bar
-from mdser.runtime import configure, device_name
+from mdser.runtime import configure, cpu_flags, device_name
 from mdser.splits import encode_labels, fold_members
 from mdser.training import KERAS_GLOBALS, STOP, RowTrainer, fit_with_smaller_batches_on_oom
 
@@ -71,6 +72,19 @@ def train_in_threads(train_fold: Any, folds: list[dict[str, Any]], workers: int)
             raise
 
 
+def score_test_speaker(
+    trainer: RowTrainer, frames: np.ndarray, test: pd.DataFrame, stats: dict[str, Any],
+    classes: list[str], batch_frames: int,
+) -> pd.DataFrame:
+    """The fold's selected model applied to its test speaker, once training and model
+    selection (which never read it) are done: utt_id and one probability column per class.
+    `evaluate` reads this table instead of rebuilding and re-tracing the model."""
+    mean, std = np.asarray(stats["mean"], np.float32), np.asarray(stats["std"], np.float32)
+    probs = trainer.predict(frames, test, mean, std, batch_frames)
+    return pd.DataFrame(probs, columns=classes).assign(utt_id=test["utt_id"].to_numpy())[
+        ["utt_id", *classes]]
+
+
 def train_row(
     params: dict[str, Any], row: str, model_params: dict[str, Any], feature_store: Path,
     folds_doc: dict[str, Any], out: Path, resume_dir: Path,
@@ -86,7 +100,15 @@ def train_row(
     so a changed input or code never gets an old fold back. The row's resume state is
     removed once every fold is done.
     """
-    from mdser.stores import FEATURES_FILE, atomic_dir, open_fold_features, sha256_file
+    import tensorflow as tf
+
+    from mdser.stores import (
+        FEATURES_FILE,
+        TEST_PROBABILITIES_FILE,
+        atomic_dir,
+        open_fold_features,
+        sha256_file,
+    )
 
     train, classes = params["train"], folds_doc["classes"]
     index, frames, meta, selected = open_fold_features(feature_store, folds_doc, train["folds"])
@@ -115,11 +137,15 @@ def train_row(
         with atomic_dir(resume_dir / key) as tmp:
             trainer.model.set_weights(best)
             trainer.model.save_weights(tmp / "model.weights.h5")
+            score_test_speaker(trainer, frames, members["test"], stats, classes,
+                               train["batch_frames"]).to_csv(
+                tmp / TEST_PROBABILITIES_FILE, index=False, float_format="%.9g", lineterminator="\n")
             pd.DataFrame(history).to_csv(tmp / "history.csv", index=False, lineterminator="\n")
             curve = stats.pop("range_test")
             pd.DataFrame(curve, columns=["step", "lr", "train_loss", "train_ua", "val_ua"]).to_csv(
                 tmp / "range_test.csv", index=False, lineterminator="\n")
-            stats |= {"fold": fold["fold"], "device": device_name(), "replicas": trainer.replicas}
+            stats |= {"fold": fold["fold"], "device": device_name(), "cpu_flags": cpu_flags(),
+                      "tensorflow": tf.__version__, "replicas": trainer.replicas}
             (tmp / "fold.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
         folds_done.update()
 

@@ -9,7 +9,10 @@ two rows are compared *paired*, fold by fold. Three small pieces:
 * `wilcoxon_p`: the two-sided Wilcoxon signed-rank p-value of those differences,
   with `smallest_wilcoxon_p`, the lowest p that n folds can give at all.
 
-`paired_comparison` puts them together for one ablation step.
+`paired_comparison` puts them together for one ablation step. Below them, the per-fold
+metrics of the paper's evaluation: UA (its metric), WA, the confusion matrix, per-class
+recall and macro F1, in numpy (tested against scikit-learn), so that `evaluate` imports
+neither TensorFlow nor scikit-learn.
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ def t_interval(values: Any, confidence: float) -> tuple[float, float] | None:
     deviation (ddof = 1). None for fewer than 2 values (no interval exists); a
     degenerate [mean, mean] when all values are equal.
     """
-    from scipy import stats
+    from scipy.special import stdtrit  # the Student-t quantile (scipy.stats.t.ppf, lighter)
 
     x = np.asarray(values, dtype=np.float64)
     if x.size < 2:
         return None
     mean = float(x.mean())
-    half = float(stats.t.ppf((1 + confidence) / 2, x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    half = float(stdtrit(x.size - 1, (1 + confidence) / 2)) * float(x.std(ddof=1)) / math.sqrt(x.size)
     return mean - half, mean + half
 
 
@@ -126,3 +129,23 @@ def unweighted_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 def weighted_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
+
+
+def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) counts: row = actual class index, column = predicted."""
+    counts = np.zeros((n_classes, n_classes), np.int64)
+    np.add.at(counts, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return counts
+
+
+def class_recalls(confusion: np.ndarray) -> np.ndarray:
+    """Per-class recall tp_c / N_c of a confusion matrix; 0 for a class with no utterance."""
+    actual = confusion.sum(axis=1)
+    return np.divide(np.diag(confusion), actual, out=np.zeros(len(actual)), where=actual > 0)
+
+
+def macro_f1(confusion: np.ndarray) -> float:
+    """Mean over all classes of F1_c = 2 tp_c / (2 tp_c + fp_c + fn_c); 0 where undefined."""
+    tp = np.diag(confusion).astype(np.float64)
+    denominator = confusion.sum(axis=0) + confusion.sum(axis=1)  # = 2 tp + fp + fn
+    return float(np.mean(np.divide(2 * tp, denominator, out=np.zeros(len(tp)), where=denominator > 0)))

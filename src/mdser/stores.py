@@ -30,6 +30,8 @@ FEATURES_FILE = "features.npy"  # (total_frames, n_mels, 3) float32
 INDEX_FILE = "index.csv"
 UTTERANCES_PER_JOB = 32  # work handed to a worker process at a time
 META_FILE = "meta.json"
+# A trained fold's probabilities for its test speaker's utterances (utt_id, one column per class)
+TEST_PROBABILITIES_FILE = "test_probabilities.csv"
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 from filelock import FileLock
 
-from mdser.runtime import cpu_flags, cpu_model, device_name, main_repo_root
+from mdser.runtime import cpu_flags, cpu_model, main_repo_root
 
 SUMMARY_METRICS = [
     "ua_mean", "ua_std", "wa_mean", "wa_std", "macro_f1_mean",
@@ -101,16 +101,11 @@ def run_tags(stage: str, inputs_hash: str) -> dict[str, str]:
     }
 
 
-def environment_tags(stage: str, inputs_hash: str) -> dict[str, str]:
-    """`run_tags` plus the hardware and TensorFlow that evaluated the row."""
-    import tensorflow as tf
-
-
-    gpus = tf.config.list_physical_devices("GPU")
-    gpu = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "") if gpus else ""
+def environment_tags(stage: str, inputs_hash: str, trained: dict[str, Any]) -> dict[str, str]:
+    """`run_tags` plus the hardware and TensorFlow that trained the row, as its `fold.json`
+    records them (`trained`: one fold's record), so evaluating imports no TensorFlow."""
     return run_tags(stage, inputs_hash) | {
-        "device": device_name(), "cpu_flags": cpu_flags(), "gpu": gpu, "tensorflow": tf.__version__,
-    }
+        k: str(trained[k]) for k in ("device", "cpu_flags", "tensorflow")}
 
 
 def baseline_tags(stage: str, inputs_hash: str) -> dict[str, str]:
@@ -120,7 +115,7 @@ def baseline_tags(stage: str, inputs_hash: str) -> dict[str, str]:
 
     return run_tags(stage, inputs_hash) | {
         "device": f"CPU {cpu_model()} ({os.cpu_count()} cores)", "cpu_flags": cpu_flags(),
-        "gpu": "", "sklearn": sklearn.__version__,
+        "sklearn": sklearn.__version__,
     }
 
 
