@@ -10,6 +10,7 @@ import pytest
 from mdser.bench import ROOT
 from mdser.bench.data import synthetic_lengths
 from mdser.bench.flops import model_flops
+from mdser.bench.folds import fold_throughput
 from mdser.bench.gpu import project_ablation
 from mdser.bench.machine import PeakMemory, machine_info, matmul_peak
 from mdser.bench.pipeline import STAGE_LINE
@@ -65,13 +66,34 @@ def test_training_profile_structure_and_masked_equality(params, row):
     assert res["equality"]["max_abs_diff"] <= TARGETS["equality_atol"]
 
 
-def test_report_and_json_from_toy_results(params, tmp_path):
+@pytest.fixture(scope="module")
+def folds():
+    """Every way of training folds, each in its own interpreter, on 2 folds of 4 utterances
+    (one per class)."""
+    return fold_throughput(4, 2, workers=1)
+
+
+def test_fold_epochs_run_each_way_in_a_fresh_process(folds):
+    import os
+
+    ref, one, par = folds["reference"], folds["sequential"], folds["threads"]
+    assert ref["workers"] == one["workers"] == 1 and par["workers"] == min(2, os.cpu_count())
+    assert folds["default"] == "sequential"  # runtime.workers = 1
+    for run in (ref, one, par):
+        assert run["utterances"] == 8 and run["folds"] == 2
+        assert run["utt_per_s"] > 0 and run["wall_s"] > 0
+        assert 0 < run["cpu_utilisation"] <= 1.05  # CPU time cannot exceed wall x cores
+    assert folds["speedup"] == pytest.approx(one["utt_per_s"] / ref["utt_per_s"])
+
+
+def test_report_and_json_from_toy_results(params, tmp_path, folds):
     row = "cnn-gmp-softmax"
     results = {
         "quick": True, "date": "today", "wall_s": 1.0, "machine": machine_info(),
         "matmul_peak": matmul_peak(n=128, repeats=1),
         "training": {"plain": training_profile(row, tiny(params, row), params, 4, 1, 2, 900)},
         "gpu": {"present": False, "note": "no GPU present"},
+        "folds": folds,
     }
     results["projection"] = project_ablation(params, tiny(params, row), 1e9, epochs=1)
     results["projection"]["device"] = "cpu"
@@ -82,6 +104,7 @@ def test_report_and_json_from_toy_results(params, tmp_path):
     write_report(results, report)
     text = report.read_text()
     assert "## Targets" in text and "No GPU present" in text
+    assert "## Fold-epoch throughput" in text and "Both cores busy" in text
     rows = verdicts(results)
     assert all(len(v) == 4 for v in rows)
     json.dumps(results, default=str)  # serializable

@@ -82,3 +82,38 @@ def test_summarize_gives_the_t_interval_of_the_fold_uas():
     assert np.isclose(s["ua_ci_low"], lo) and np.isclose(s["ua_ci_high"], hi) and s["confidence"] == 0.9
     one = summarize(pred[pred["fold"] == 0], classes)
     assert one["ua_ci_low"] is None and one["ua_ci_high"] is None and one["confidence"] == 0.95
+
+
+def write_scored_fold(tmp_path, utt_ids):
+    """A feature-store index of two speakers and fold 0's scored test speaker `s1`."""
+    from mdser.stores import INDEX_FILE, TEST_PROBABILITIES_FILE
+
+    store, models = tmp_path / "features", tmp_path / "models"
+    store.mkdir()
+    pd.DataFrame({"utt_id": ["a1", "a2", "b1"], "speaker": ["s1", "s1", "s2"],
+                  "emotion": ["x", "y", "x"], "offset": [0, 10, 20], "frames": [10, 10, 10]}
+                 ).to_csv(store / INDEX_FILE, index=False)
+    (models / "fold_0").mkdir(parents=True)
+    pd.DataFrame({"utt_id": utt_ids, "x": [0.9, 0.2], "y": [0.1, 0.8]}).to_csv(
+        models / "fold_0" / TEST_PROBABILITIES_FILE, index=False)
+    folds_doc = {"classes": ["x", "y"], "folds": [{"fold": 0, "train": ["s2"], "val": "s2", "test": "s1"}]}
+    return store, folds_doc, models
+
+
+def test_test_predictions_are_the_scores_train_wrote(tmp_path):
+    from mdser.evaluation import test_predictions
+
+    store, folds_doc, models = write_scored_fold(tmp_path, ["a1", "a2"])
+    got = test_predictions({"train": {"folds": 1}}, store, folds_doc, models)
+    assert list(got["utt_id"]) == ["a1", "a2"] and list(got["speaker"]) == ["s1", "s1"]
+    assert list(got["actual"]) == ["x", "y"] and list(got["predicted"]) == ["x", "y"]
+    assert list(got["p_x"]) == pytest.approx([0.9, 0.2])
+
+
+def test_scores_of_other_utterances_are_stale_models(tmp_path):
+    from mdser.errors import UserError
+    from mdser.evaluation import test_predictions
+
+    store, folds_doc, models = write_scored_fold(tmp_path, ["a1", "b1"])
+    with pytest.raises(UserError, match="test_probabilities.csv: not the test utterances 's1'"):
+        test_predictions({"train": {"folds": 1}}, store, folds_doc, models)

@@ -337,3 +337,24 @@ def test_the_fit_loop_weighs_each_utterance_by_eq15(trained, store):
         np.testing.assert_allclose(w, r[y], rtol=1e-6)
     trained_labels = np.concatenate([y for y, _ in seen["steps"]])
     assert np.bincount(trained_labels, minlength=3).tolist() == np.bincount(labels, minlength=3).tolist()
+
+
+def test_folds_trained_in_threads_equal_folds_trained_one_after_another(store, tmp_path):
+    """`runtime.workers` changes how many folds train at once, never a result: every file of
+    every fold (weights, history, range test, test scores, fold record) is byte-identical."""
+    from mdser.row_training import train_row
+
+    folds_doc = {"manifest_sha256": store["manifest_sha256"], "classes": CLASSES,
+                 "folds": store["folds"][:2]}
+    outs = {}
+    for workers in (1, 2):
+        params = tiny_params({"model": MODEL, "train": TRAIN | {"folds": 2, "max_epochs": 4},
+                              "runtime": {"workers": workers}}, validate=True)
+        out = tmp_path / f"workers{workers}"
+        train_row(params, "tiny", dict(MODEL), store["path"], folds_doc, out, tmp_path / f"resume{workers}")
+        outs[workers] = {p.relative_to(out).as_posix(): p.read_bytes()
+                         for p in sorted(out.rglob("*")) if p.is_file()}
+    assert len(outs[1]) == 10  # 2 folds x 5 files
+    assert outs[1].keys() == outs[2].keys()
+    differ = [name for name in outs[1] if outs[1][name] != outs[2][name]]
+    assert not differ, differ

@@ -179,7 +179,8 @@ class Runtime(Strict):
     """How the work is spread over this machine; never changes a result, so no stage
     depends on it."""
 
-    workers: Annotated[int, Field(ge=0, description="processes training folds at once; 0 = one per core")]
+    workers: Annotated[int, Field(
+        ge=0, description="folds trained at once, each in its own thread; 0 = one per core")]
 
 
 class Ablation(Strict):

@@ -7,10 +7,13 @@ One run measures, side by side on the same machine:
 1. the float32 matmul peak (tf.matmul, large square matrices, best of several);
 2. training throughput (utterances/s, FLOP/s) of the paper profile and the default
    profiles on IEMOCAP-like lengths, length-bucketed (``length_batches`` + ``pad_batch``)
-   against one utterance per batch, and the masked equality of their outputs;
+   against one utterance per batch, and the masked equality of their outputs; fold-epoch
+   throughput and CPU utilisation of folds trained in parallel against the reference step
+   (one fold at a time on all cores);
 3. feature extraction (``build_audio_store`` + ``build_feature_store``) against a plain
    per-file librosa loop, with peak memory (RSS incl. children) at 1x and 2x the corpus;
-4. the work DVC avoids (full / no-op ``dvc repro``, ``dvc exp run -S arcface.s=3``);
+4. the work DVC avoids (full / no-op ``dvc repro``, ``dvc exp run -S arcface.s=3``), the
+   time of each stage and the fixed cost of each stage script;
 5. growth of epoch time and feature-store size at 1x, 2x, 4x the built-in corpus;
 6. GPU figures when a GPU is present, and the projected wall time of the full
    paper-profile ablation (10 rows x 10 folds, IEMOCAP and EMODB sizes).
@@ -37,6 +40,7 @@ from typing import Any
 from mdser.bench import ROOT, log
 from mdser.bench.data import make_corpus
 from mdser.bench.features import feature_profile, in_fresh_process
+from mdser.bench.folds import fold_throughput
 from mdser.bench.gpu import gpu_figures, projection
 from mdser.bench.growth import growth_epoch, growth_summary
 from mdser.bench.machine import machine_info, matmul_peak
@@ -51,6 +55,7 @@ SIZES = {
         "paper_utts": 6, "paper_naive_utts": 3, "paper_batch_frames": 1500,
         "equality_utts": 8, "paper_equality_utts": 3,
         "corpus_utts": 40, "growth_factors": [1, 2, 4], "naive_feature_factors": [1, 4],
+        "fold_utts": 32, "folds": 2,
         "dvc_rows": ["cnn-gmp-softmax", "mdcnn-ff-spp-att-arcface"],
     },
     "full": {
@@ -59,6 +64,7 @@ SIZES = {
         "paper_utts": 24, "paper_naive_utts": 8, "paper_batch_frames": None,
         "equality_utts": 24, "paper_equality_utts": 4,
         "corpus_utts": None, "growth_factors": [1, 2, 4], "naive_feature_factors": [1, 4],
+        "fold_utts": 96, "folds": 4,
         "dvc_rows": None,
     },
 }
@@ -150,6 +156,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["batch_budget_sweep"] = batch_budget_sweep(
                 prof["default"], params, size["default_utts"],
                 [1, 1000, 3000, 6000, 12000] if not args.quick else [1, 1500, 6000])
+            log("fold-epoch throughput (default profile), reference and parallel")
+            results["folds"] = fold_throughput(size["fold_utts"], size["folds"],
+                                               params["runtime"]["workers"])
             if not args.quick:
                 log("trace cost (default profile)")
                 results["trace_cost"] = trace_cost(prof["default"], params)

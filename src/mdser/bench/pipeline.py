@@ -2,7 +2,8 @@
 
 `copy_repo` makes the repository's tracked shape (no data, caches or results) a fresh git
 repository; `timed_dvc` runs a dvc command and times each stage that ran; `dvc_work`
-times a full `dvc repro`, a no-op one and `dvc exp run -S arcface.s=3`.
+times a full `dvc repro`, a no-op one and `dvc exp run -S arcface.s=3`; `stage_startup`
+is the fixed cost of each stage script (its interpreter and imports) beside TensorFlow's.
 """
 
 from __future__ import annotations
@@ -81,6 +82,26 @@ def timed_dvc(repo: Path, *args: str) -> dict[str, Any]:
             "tail": lines[-8:] if rc else []}
 
 
+def _median_wall(cmd: list[str], repo: Path, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=repo, env=_env(repo), check=True, capture_output=True)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def stage_startup(repo: Path, repeats: int = 3) -> dict[str, float]:
+    """Median wall seconds of `python stages/<s>.py --help` per stage script (the
+    interpreter and the script's module-level imports, no work), and of importing
+    TensorFlow (what `train` adds when it starts training)."""
+    out = {script.stem: _median_wall([sys.executable, str(script), "--help"], repo, repeats)
+           for script in sorted((repo / "stages").glob("*.py"))}
+    out["import tensorflow"] = _median_wall([sys.executable, "-c", "import tensorflow"], repo,
+                                            repeats)
+    return out
+
+
 def dvc_work(rows: list[str] | None, quick: bool, work: Path) -> dict[str, Any]:
     """Full repro, no-op repro and an ArcFace-only experiment in a fresh copy."""
     def shrink(params: dict) -> dict:
@@ -103,6 +124,7 @@ def dvc_work(rows: list[str] | None, quick: bool, work: Path) -> dict[str, Any]:
     _git(repo, "commit", "-q", "-m", "after repro")
     exp = timed_dvc(repo, "exp", "run", "-S", "arcface.s=3")
     log(f"dvc: no-op {noop['wall_s']:.1f} s, exp run {exp['wall_s']:.0f} s")
+    startup = stage_startup(repo)
     arcface_rows = [r for r in row_names if params["ablation"]["rows"][r]["head"] == "arcface"]
     expected = {f"{s}@{r}" for s in ("train", "evaluate") for r in arcface_rows} | {"ablate"}
     data_stages = ("download", "resample", "featurize", "split")
@@ -116,4 +138,6 @@ def dvc_work(rows: list[str] | None, quick: bool, work: Path) -> dict[str, Any]:
         "full_train_s": sum(v for k, v in full["stages_run"].items() if k.startswith("train@")),
         "full_evaluate_s": sum(v for k, v in full["stages_run"].items()
                                if k.startswith("evaluate@")),
+        "evaluate_stage_s": {k: v for k, v in full["stages_run"].items() if k.startswith("evaluate@")},
+        "stage_startup_s": startup,
     }

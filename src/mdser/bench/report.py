@@ -19,6 +19,9 @@ TARGETS = {
     "equality_atol": 1e-5,  # max |p_bucketed - p_alone| over class probabilities
     "feature_speedup": 2.0,  # resample + featurize vs the plain librosa loop
     "memory_growth": 1.2,  # peak memory at 2x corpus / at 1x corpus
+    "fold_epoch_speedup": 3.0,  # default profile, train_row's way vs the reference step
+    "train_cpu_utilisation": 0.90,  # CPU time / (wall x cores) while train_row's way trains
+    "evaluate_stage_s": 5.0,  # each `evaluate@<row>` stage of the full repro
     "full_repro_s": 15 * 60,  # whole default `dvc repro` on 2 cores without a GPU
     "linearity": 0.2,  # per-utterance cost at 4x within +-20 % of 1x
 }
@@ -61,6 +64,20 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                         f"{s:.2f}× (peak bound {bounds['peak_bound']:.2f}×; fixed cost "
                         f"{100 * bounds['fixed_share']:.0f} % of a one-utterance step)",
                         s >= TARGETS["bucketed_speedup"]))
+    fo = r.get("folds")
+    if fo:
+        ref, dflt = fo["reference"], fo[fo["default"]]
+        out.append(("Fold-epoch throughput, default profile (`train_row` as configured vs the "
+                    "reference step)", "≥ 3×",
+                    f"{fo['speedup']:.2f}× ({fo['default']}: {dflt['utt_per_s']:.1f} vs "
+                    f"{ref['utt_per_s']:.1f} utt/s; fold threads: "
+                    f"{fo['threads']['utt_per_s']:.1f})",
+                    fo["speedup"] >= TARGETS["fold_epoch_speedup"]))
+        out.append(("Both cores busy while training (CPU time / wall × cores)", "≥ 90 %",
+                    f"{100 * dflt['cpu_utilisation']:.0f} % ({fo['default']}; fold threads "
+                    f"{100 * fo['threads']['cpu_utilisation']:.0f} %, reference "
+                    f"{100 * ref['cpu_utilisation']:.0f} %)",
+                    dflt["cpu_utilisation"] >= TARGETS["train_cpu_utilisation"]))
     for name in ("paper", "default", "plain"):
         if name in tr:
             d = tr[name]["equality"]["max_abs_diff"]
@@ -86,6 +103,11 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                     f"{dv['exp_data_stage_s']:.1f} s; ran "
                     f"{', '.join(sorted(dv['exp_run_arcface_s3']['stages_run']))}",
                     dv["exp_data_stage_s"] == 0 and dv["exp_only_expected"]))
+        slowest = max(dv["evaluate_stage_s"].items(), key=lambda kv: kv[1])
+        out.append(("Each `evaluate` stage", "≤ 5 s",
+                    f"at most {slowest[1]:.1f} s ({slowest[0]})"
+                    + (" (shrunk params, --quick)" if dv["shrunk"] else ""),
+                    None if dv["shrunk"] else slowest[1] <= TARGETS["evaluate_stage_s"]))
         full = dv["full_repro"]["wall_s"]
         out.append(("Whole default `dvc repro` (2 cores, no GPU)", "≤ 15 min",
                     f"{full / 60:.1f} min" + (" (shrunk params, --quick)" if dv["shrunk"] else ""),
@@ -221,6 +243,25 @@ def write_report(r: dict[str, Any], path: Path) -> None:
             d = dv[key]
             stages = ", ".join(f"{k} {v:.1f}" for k, v in d["stages_run"].items()) or "none"
             lines.append(f"| `{d['cmd']}` | {d['wall_s']:.1f} | {stages} |")
+        lines += ["", "Fixed cost per stage: median wall seconds of `python stages/<stage>.py "
+                  "--help` (the interpreter and the script's module-level imports, no work), "
+                  "and of `import tensorflow`, which `train` adds when it starts training:", "",
+                  "| stage script | fixed s |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in dv["stage_startup_s"].items()]
+    fo = r.get("folds")
+    if fo:
+        ref = fo["reference"]
+        lines += ["", "## Fold-epoch throughput (default profile)", "",
+                  f"One epoch on each of {ref['folds']} folds of "
+                  f"{ref['utterances'] // ref['folds']} IEMOCAP-like utterances, each way in a "
+                  f"fresh interpreter (`python -m mdser.bench.folds`); `train_row` as configured "
+                  f"(`runtime.workers`) is `{fo['default']}`.",
+                  "", "| way | fold workers | threads per op | utt/s | CPU utilisation |",
+                  "|---|---|---|---|---|"]
+        for mode, threads in (("reference", "all cores"), ("sequential", "1"), ("threads", "1")):
+            f = fo[mode]
+            lines.append(f"| {mode} | {f['workers']} | {threads} | {f['utt_per_s']:.1f} | "
+                         f"{100 * f['cpu_utilisation']:.0f} % |")
     gr = r.get("growth")
     if gr:
         lines += ["", "## Growth", "", "| Corpus | utterances | frames | epoch s | ms/utt | "

@@ -1,0 +1,126 @@
+"""Fold-epoch throughput of the default profile, and how busy the cores are while training.
+
+Three ways to train the same folds, each in a fresh interpreter (TensorFlow's thread pools
+are fixed when it starts):
+
+* ``reference``: one fold after another, every op on all cores (TensorFlow's default) —
+  the training step as it was when the training-speed issue was filed, kept as the
+  benchmark's reference path;
+* ``sequential``: `row_training.train_row` with `runtime.workers: 1` — one fold after
+  another, one thread per op (`runtime.configure`; independent ops still run at once);
+* ``threads``: `train_row` with `runtime.workers: 0` — one fold per core, each in its own
+  thread, one thread per op.
+
+Each trains the default profile's `RowTrainer` for one epoch on each of the same folds of
+synthetic IEMOCAP-like utterances (after one traced warm-up step per trainer), and reports
+utterances per second and the process's CPU time over wall time x cores. The results of
+`train_row` do not depend on `runtime.workers` (one thread per op), so the faster way can
+be the default.
+
+    python -m mdser.bench.folds {reference,sequential,threads} UTTERANCES_PER_FOLD FOLDS
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+from mdser.bench import ROOT
+
+RESULT_MARK = "@@"
+MODES = ("reference", "sequential", "threads")
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def fold_epochs(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
+    """One epoch on each of `n_folds` folds of `n_utts` utterances, trained the `mode` way."""
+    import threading
+
+    import numpy as np
+    import tensorflow as tf
+
+    from mdser.batching import length_batches
+    from mdser.bench.data import IEMOCAP, no_standardization, synthetic_set
+    from mdser.bench.training import Trainer, profiles
+    from mdser.params import load_params
+    from mdser.row_training import fold_workers
+    from mdser.training import KERAS_GLOBALS, class_weights
+
+    params = load_params(ROOT / "params.yaml")
+    model_params, train = profiles(params)["default"], params["train"]
+    if mode == "reference":
+        tf.config.threading.set_intra_op_parallelism_threads(0)  # all cores per op
+        tf.constant(0.0)  # TensorFlow starts now: `configure` can no longer change it
+    workers = fold_workers({"workers": 0}, n_folds) if mode == "threads" else 1
+    n_classes, n_mels = IEMOCAP["classes"], params["features"]["n_mels"]
+    mean, std = no_standardization()
+    folds = []
+    for k in range(n_folds):
+        lengths, frames, rows, labels = synthetic_set(n_utts, n_mels, n_classes, seed=k)
+        weights = class_weights(labels, n_classes, train["class_weight_alpha"]).astype(np.float32)
+        groups = length_batches(lengths, train["batch_frames"], np.random.default_rng(k))
+        folds.append((frames, rows, labels, weights, groups))
+    trainers = []
+    for _ in range(workers):
+        with KERAS_GLOBALS:
+            trainer = Trainer(model_params, train, params[model_params["head"]], n_classes, n_mels)
+        frames, rows, labels, weights, groups = folds[0]
+        trainer.run(frames, rows, labels, weights, groups[:1], mean, std)  # trace + warm-up
+        trainers.append(trainer)
+
+    def work(w: int) -> None:
+        for frames, rows, labels, weights, groups in folds[w::workers]:
+            trainers[w].run(frames, rows, labels, weights, groups, mean, std)
+
+    cpu0, t0 = cpu_seconds(), time.perf_counter()
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+    cores = os.cpu_count() or 1
+    return {"mode": mode, "workers": workers, "folds": n_folds, "utterances": n_folds * n_utts,
+            "wall_s": wall, "utt_per_s": n_folds * n_utts / wall, "cpu_s": cpu,
+            "cpu_utilisation": cpu / (wall * cores), "cores": cores}
+
+
+def in_fresh_process(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
+    """`fold_epochs` in a new interpreter (its own TensorFlow thread pools)."""
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-m", "mdser.bench.folds", mode, str(n_utts),
+                           str(n_folds)], capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"fold-epoch job {mode} failed ({proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(RESULT_MARK))
+    return json.loads(line[len(RESULT_MARK):])
+
+
+def fold_throughput(n_utts: int, n_folds: int, workers: int) -> dict[str, Any]:
+    """Every way on the same folds; `default`: the way `runtime.workers` = `workers` picks,
+    and its speed-up over the reference."""
+    runs = {mode: in_fresh_process(mode, n_utts, n_folds) for mode in MODES}
+    default = "sequential" if workers == 1 else "threads"
+    return runs | {"default": default,
+                   "speedup": runs[default]["utt_per_s"] / runs["reference"]["utt_per_s"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    mode, n_utts, n_folds = (argv or sys.argv[1:])[:3]
+    if mode not in MODES:
+        raise SystemExit(f"mode must be one of {MODES}, got {mode!r}")
+    print(RESULT_MARK + json.dumps(fold_epochs(mode, int(n_utts), int(n_folds))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
