@@ -101,17 +101,18 @@ def row_metrics(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def confusion_figure(predictions: pd.DataFrame, classes: list[str], title: str = "") -> Any:
-    """A matplotlib figure of the confusion matrix (rows: actual, columns: predicted)."""
-    import matplotlib
+    """A matplotlib figure of the confusion matrix (rows: actual, columns: predicted).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A bare `matplotlib.figure.Figure` (Agg canvas), not pyplot: no pyplot import and no
+    global figure registry in the stage."""
+    from matplotlib.figure import Figure
 
     from mdser.statistics import confusion_counts
 
     code = {c: i for i, c in enumerate(classes)}
     cm = confusion_counts(predictions["actual"].map(code), predictions["predicted"].map(code), len(classes))
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(classes), 0.8 + 0.7 * len(classes)))
+    fig = Figure(figsize=(1.0 + 0.7 * len(classes), 0.8 + 0.7 * len(classes)))
+    ax = fig.subplots()
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)

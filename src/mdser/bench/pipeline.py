@@ -126,7 +126,8 @@ def dvc_work(rows: list[str] | None, quick: bool, work: Path) -> dict[str, Any]:
     log(f"dvc: no-op {noop['wall_s']:.1f} s, exp run {exp['wall_s']:.0f} s")
     startup = stage_startup(repo)
     arcface_rows = [r for r in row_names if params["ablation"]["rows"][r]["head"] == "arcface"]
-    expected = {f"{s}@{r}" for s in ("train", "evaluate") for r in arcface_rows} | {"ablate"}
+    # `check` validates the changed params.yaml (seconds); no other stage before the rows
+    expected = {f"{s}@{r}" for s in ("train", "evaluate") for r in arcface_rows} | {"check", "ablate"}
     data_stages = ("download", "resample", "featurize", "split")
     ran = set(exp["stages_run"])
     return {

@@ -99,7 +99,7 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         out.append(("No-op `dvc repro`", "seconds (no target)",
                     f"{dv['noop_repro']['wall_s']:.1f} s", None))
         out.append(("`dvc exp run -S arcface.s=3`: 0 s in data stages, only ArcFace rows",
-                    "0 s; train/evaluate@arcface rows + ablate",
+                    "0 s; check, train/evaluate@arcface rows, ablate",
                     f"{dv['exp_data_stage_s']:.1f} s; ran "
                     f"{', '.join(sorted(dv['exp_run_arcface_s3']['stages_run']))}",
                     dv["exp_data_stage_s"] == 0 and dv["exp_only_expected"]))
