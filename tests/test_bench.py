@@ -73,6 +73,7 @@ def folds():
     return fold_throughput(4, 2, workers=1)
 
 
+@pytest.mark.slow  # three fresh TensorFlow processes
 def test_fold_epochs_run_each_way_in_a_fresh_process(folds):
     import os
 
@@ -86,7 +87,15 @@ def test_fold_epochs_run_each_way_in_a_fresh_process(folds):
     assert folds["speedup"] == pytest.approx(one["utt_per_s"] / ref["utt_per_s"])
 
 
-def test_report_and_json_from_toy_results(params, tmp_path, folds):
+def fold_run(mode: str, workers: int, utt_per_s: float) -> dict:
+    """A `fold_epochs` result of that shape (the report's formatting only)."""
+    return {"mode": mode, "workers": workers, "folds": 2, "utterances": 8, "wall_s": 8 / utt_per_s,
+            "utt_per_s": utt_per_s, "cpu_s": 1.0, "cpu_utilisation": 0.8, "cores": 2}
+
+
+def test_report_and_json_from_toy_results(params, tmp_path):
+    folds = {"reference": fold_run("reference", 1, 10.0), "sequential": fold_run("sequential", 1, 12.0),
+             "threads": fold_run("threads", 2, 11.0), "default": "threads", "speedup": 1.1}
     row = "cnn-gmp-softmax"
     results = {
         "quick": True, "date": "today", "wall_s": 1.0, "machine": machine_info(),
