@@ -1,6 +1,8 @@
 """The benchmark package (``python -m mdser.bench``): time to the ablation table.
 
-Shared by its modules: ``ROOT`` (the repository root) and ``log`` (the progress line).
+Shared by its modules: ``ROOT`` (the repository root), ``log`` (the progress line), and
+``print_result`` / ``read_result``, how a job run in a fresh process hands back its result
+(one ``@@``-marked JSON line on stdout).
 The package itself imports nothing heavy, so that ``python -m mdser.bench.features`` (the
 feature-extraction job, run in a fresh process) pays only for its own imports.
 
@@ -15,10 +17,26 @@ and the projected ablation), ``report`` (targets, verdicts, Markdown), ``__main_
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[3]
+
+
+RESULT_MARK = "@@"
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """A fresh-process job's result, as the one marked line its parent reads."""
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+def read_result(stdout: str) -> dict[str, Any]:
+    """The result a job printed with `print_result` (its other output is ignored)."""
+    line = next(x for x in stdout.splitlines() if x.startswith(RESULT_MARK))
+    return json.loads(line[len(RESULT_MARK):])
 
 
 def log(msg: str) -> None:

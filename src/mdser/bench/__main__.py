@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["batch_budget_sweep"] = batch_budget_sweep(
                 prof["default"], params, size["default_utts"],
                 [1, 1000, 3000, 6000, 12000] if not args.quick else [1, 1500, 6000])
-            log("fold-epoch throughput (default profile), reference and parallel")
+            log("fold-epoch throughput (default profile), three ways")
             results["folds"] = fold_throughput(size["fold_utts"], size["folds"],
                                                params["runtime"]["workers"])
             if not args.quick:

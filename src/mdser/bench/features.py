@@ -12,7 +12,6 @@ prints its JSON result on a line starting ``@@``; `in_fresh_process` runs it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -24,10 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mdser.bench import ROOT
+from mdser.bench import ROOT, print_result, read_result
 from mdser.bench.machine import PeakMemory
-
-RESULT_MARK = "@@"
 
 
 def in_fresh_process(kind: str, manifest_csv: Path, raw_dir: Path, work: Path | None = None
@@ -43,8 +40,7 @@ def in_fresh_process(kind: str, manifest_csv: Path, raw_dir: Path, work: Path | 
         out, err = proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"features job {kind} failed ({proc.returncode}):\n{err[-3000:]}")
-    line = next(x for x in out.splitlines() if x.startswith(RESULT_MARK))
-    result = json.loads(line[len(RESULT_MARK):])
+    result = read_result(out)
     return result | {"peak_rss_mib": mem.peak_rss / 2**20, "peak_pss_mib": mem.peak_pss / 2**20,
                      "peak_anon_mib": mem.peak_anon / 2**20}
 
@@ -155,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         result = repo_features(params, manifest, args.raw_dir, args.work)
     else:
         result = librosa_loop(params, manifest, args.raw_dir)
-    print(RESULT_MARK + json.dumps(result))
+    print_result(result)
 
 
 if __name__ == "__main__":

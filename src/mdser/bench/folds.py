@@ -22,7 +22,6 @@ be the default.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import subprocess
@@ -30,9 +29,8 @@ import sys
 import time
 from typing import Any
 
-from mdser.bench import ROOT
+from mdser.bench import ROOT, print_result, read_result
 
-RESULT_MARK = "@@"
 MODES = ("reference", "sequential", "threads")
 
 
@@ -102,8 +100,7 @@ def in_fresh_process(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
     if proc.returncode:
         raise RuntimeError(f"fold-epoch job {mode} failed ({proc.returncode}):\n"
                            f"{proc.stderr[-3000:]}")
-    line = next(x for x in proc.stdout.splitlines() if x.startswith(RESULT_MARK))
-    return json.loads(line[len(RESULT_MARK):])
+    return read_result(proc.stdout)
 
 
 def fold_throughput(n_utts: int, n_folds: int, workers: int) -> dict[str, Any]:
@@ -119,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     mode, n_utts, n_folds = (argv or sys.argv[1:])[:3]
     if mode not in MODES:
         raise SystemExit(f"mode must be one of {MODES}, got {mode!r}")
-    print(RESULT_MARK + json.dumps(fold_epochs(mode, int(n_utts), int(n_folds))), flush=True)
+    print_result(fold_epochs(mode, int(n_utts), int(n_folds)))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,7 @@ def dvc_work(rows: list[str] | None, quick: bool, work: Path) -> dict[str, Any]:
     expected = {f"{s}@{r}" for s in ("train", "evaluate") for r in arcface_rows} | {"check", "ablate"}
     data_stages = ("download", "resample", "featurize", "split")
     ran = set(exp["stages_run"])
+    evaluate = {k: v for k, v in full["stages_run"].items() if k.startswith("evaluate@")}
     return {
         "shrunk": quick, "rows": row_names, "full_repro": full, "noop_repro": noop,
         "exp_run_arcface_s3": exp,
@@ -137,8 +138,7 @@ def dvc_work(rows: list[str] | None, quick: bool, work: Path) -> dict[str, Any]:
         "exp_expected_stages": sorted(expected), "exp_only_expected": ran == expected,
         "full_data_stage_s": {s: full["stages_run"].get(s) for s in data_stages},
         "full_train_s": sum(v for k, v in full["stages_run"].items() if k.startswith("train@")),
-        "full_evaluate_s": sum(v for k, v in full["stages_run"].items()
-                               if k.startswith("evaluate@")),
-        "evaluate_stage_s": {k: v for k, v in full["stages_run"].items() if k.startswith("evaluate@")},
+        "full_evaluate_s": sum(evaluate.values()),
+        "evaluate_stage_s": evaluate,
         "stage_startup_s": startup,
     }
