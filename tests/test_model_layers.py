@@ -40,6 +40,25 @@ def np_spp(x: np.ndarray, lengths, levels) -> np.ndarray:
     return np.stack(out)
 
 
+def np_spp_gradient(x: np.ndarray, lengths, levels, upstream: np.ndarray) -> np.ndarray:
+    """d sum(SPP(x) * upstream) / dx: each bin's upstream value goes to its maximum."""
+    batch, n_freq, _, channels = x.shape
+    grad = np.zeros_like(x)
+    for b in range(batch):
+        k = 0
+        for n in levels:
+            for j in range(n):
+                f0, f1 = np_bin(j, n, n_freq)
+                for i in range(n):
+                    t0, t1 = np_bin(i, n, int(lengths[b]))
+                    for c in range(channels):
+                        window = x[b, f0:f1, t0:t1, c]
+                        fi, ti = np.unravel_index(np.argmax(window), window.shape)
+                        grad[b, f0 + fi, t0 + ti, c] += upstream[b, k, c]
+                    k += 1
+    return grad
+
+
 def np_log_softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
@@ -75,6 +94,23 @@ def test_max_pool_2x2_valid_matches_numpy(shape):
     np.testing.assert_array_equal(np.asarray(MaxPool2x2()(x)), want)
 
 
+def test_max_pool_2x2_gradient_reaches_each_windows_maximum():
+    import tensorflow as tf
+
+    x = tf.constant(np.random.default_rng(7).normal(size=(2, 8, 11, 3)).astype(np.float32))
+    upstream = np.random.default_rng(8).normal(size=(2, 4, 5, 3)).astype(np.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(MaxPool2x2()(x) * upstream)
+    got, xs = np.asarray(tape.gradient(loss, x)), np.asarray(x)
+    want = np.zeros_like(xs)
+    for b, i, j, c in np.ndindex(upstream.shape):
+        window = xs[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c]
+        fi, ti = np.unravel_index(np.argmax(window), window.shape)
+        want[b, 2 * i + fi, 2 * j + ti, c] = upstream[b, i, j, c]
+    np.testing.assert_array_equal(got, want)
+
+
 def test_pool_lengths_floor():
     lengths = np.array([1, 2, 23, 57, 100], np.int32)
     np.testing.assert_array_equal(np.asarray(PoolLengths(2)(lengths)), lengths // 2)
@@ -103,6 +139,23 @@ def test_spp_matches_numpy(levels):
     assert got.shape == (4, sum(n * n for n in levels), 3)
     np.testing.assert_allclose(got, np_spp(x, lengths, levels), rtol=0, atol=0)
     assert got.max() < 100.0  # no padded frame entered a bin
+
+
+@pytest.mark.parametrize("levels", [[1, 5, 10], [1, 2, 5, 8, 10]])
+def test_spp_gradient_reaches_each_bins_maximum_only(levels):
+    import tensorflow as tf
+
+    lengths = [12, 7, 3, 1]
+    x = tf.constant(padded_map(lengths, seed=3))
+    upstream = np.random.default_rng(4).normal(
+        size=(4, sum(n * n for n in levels), 3)).astype(np.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = SpatialPyramidPooling(levels)(x, np.array(lengths, np.int32))
+        loss = tf.reduce_sum(y * upstream)
+    got = np.asarray(tape.gradient(loss, x))
+    want = np_spp_gradient(np.asarray(x), lengths, levels, upstream)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_spp_known_values():

@@ -3,9 +3,9 @@
 Three ways to train the same folds, each in a fresh interpreter (TensorFlow's thread pools
 are fixed when it starts):
 
-* ``reference``: one fold after another, every op on all cores (TensorFlow's default) —
-  the training step as it was when the training-speed issue was filed, kept as the
-  benchmark's reference path;
+* ``reference``: one fold after another, every op on all cores (TensorFlow's default), the
+  model built from the layers of that time (`bench.reference`) — the training step as it
+  was when the training-speed issue was filed, kept as the benchmark's reference path;
 * ``sequential``: `row_training.train_row` with `runtime.workers: 1` — one fold after
   another, one thread per op (`runtime.configure`; independent ops still run at once);
 * ``threads``: `train_row` with `runtime.workers: 0` — one fold per core, each in its own
@@ -41,6 +41,7 @@ def cpu_seconds() -> float:
 
 def fold_epochs(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
     """One epoch on each of `n_folds` folds of `n_utts` utterances, trained the `mode` way."""
+    import contextlib
     import threading
 
     import numpy as np
@@ -48,6 +49,7 @@ def fold_epochs(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
 
     from mdser.batching import length_batches
     from mdser.bench.data import IEMOCAP, no_standardization, synthetic_set
+    from mdser.bench.reference import reference_layers
     from mdser.bench.training import Trainer, profiles
     from mdser.params import load_params
     from mdser.row_training import fold_workers
@@ -68,12 +70,12 @@ def fold_epochs(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
         groups = length_batches(lengths, train["batch_frames"], np.random.default_rng(k))
         folds.append((frames, rows, labels, weights, groups))
     trainers = []
-    for _ in range(workers):
-        with KERAS_GLOBALS:
-            trainer = Trainer(model_params, train, params[model_params["head"]], n_classes, n_mels)
+    with KERAS_GLOBALS, reference_layers() if mode == "reference" else contextlib.nullcontext():
+        for _ in range(workers):
+            trainers.append(Trainer(model_params, train, params[model_params["head"]], n_classes, n_mels))
+    for trainer in trainers:
         frames, rows, labels, weights, groups = folds[0]
         trainer.run(frames, rows, labels, weights, groups[:1], mean, std)  # trace + warm-up
-        trainers.append(trainer)
 
     def work(w: int) -> None:
         for frames, rows, labels, weights, groups in folds[w::workers]:

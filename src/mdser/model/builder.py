@@ -37,6 +37,7 @@ from mdser.model.heads import CosineClassifier
 from mdser.model.layers import (
     LEAKY_SLOPE,
     BinAttention,
+    Conv2D,
     MaskedGlobalMaxPooling,
     MaskFrames,
     MaxPool2x2,
@@ -89,7 +90,7 @@ def conv_unit(x, lengths, filters: int, kernel: tuple[int, int], dilation: tuple
     """Conv2D ('same') + bias -> LeakyReLU, then re-zero the padded frames when the next
     layer mixes frames (a 1x3 or 5x3 convolution); a 5x1 convolution, a 2x2 pooling of
     real frames and SPP/GMP never read a padded frame into a real one."""
-    x = layers.Conv2D(filters, kernel, padding="same", dilation_rate=dilation,
+    x = Conv2D(filters, kernel, padding="same", dilation_rate=dilation,
                       kernel_initializer="he_uniform", name=name)(x)
     x = layers.LeakyReLU(LEAKY_SLOPE, name=f"{name}_act")(x)
     return MaskFrames(name=f"{name}_mask")(x, lengths) if mask else x

@@ -19,10 +19,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 from keras import ops
 
 # The paper uses LeakyReLU without giving its slope; 0.3 is the Keras (and tf.keras) default.
 LEAKY_SLOPE = 0.3
+
+
+# ----------------------------------------------------------------------------- convolution
+
+
+@keras.saving.register_keras_serializable(package="mdser")
+class Conv2D(keras.layers.Conv2D):
+    """keras.layers.Conv2D whose dilation runs inside the convolution kernel (oneDNN on a
+    CPU, cuDNN on a GPU): ``tf.nn.convolution``, which Keras calls, wraps every dilated
+    convolution off a TPU in SpaceToBatch/BatchToSpace copies, which cost a dilated FF
+    branch 1.2-1.4x its time on a CPU (README, *Performance*). Same weights and outputs up
+    to float rounding."""
+
+    def convolution_op(self, inputs, kernel):
+        import tensorflow as tf
+
+        return tf.nn.conv2d(inputs, kernel, strides=list(self.strides),
+                            padding=self.padding.upper(), dilations=list(self.dilation_rate))
 
 
 # ----------------------------------------------------------------------------- masking
@@ -50,17 +69,19 @@ class MaskFrames(keras.layers.Layer):
 class MaxPool2x2(keras.layers.Layer):
     """2x2 max pooling, stride 2, 'valid' padding: (B, F, T, C) -> (B, F // 2, T // 2, C).
 
-    Written as reshape + max rather than MaxPooling2D because the gradient of TensorFlow's
-    MaxPool op has no deterministic XLA implementation (it fails under op determinism with
-    jit_compile); the reduce_max gradient is deterministic.
+    Written as two reshaped maxima (frequency pairs, then time pairs) rather than
+    MaxPooling2D because the gradient of TensorFlow's MaxPool op has no deterministic XLA
+    implementation (it fails under op determinism with jit_compile); the reduce_max
+    gradient is deterministic. Two one-axis maxima train 3x faster on a CPU than one
+    max over both window axes of a 6-d tensor (README, *Performance*).
     """
 
     def call(self, x):
         n_freq, channels = x.shape[1] // 2, x.shape[3]
         n_frames = ops.shape(x)[2] // 2
         x = x[:, : 2 * n_freq, : 2 * n_frames]
-        x = ops.reshape(x, (-1, n_freq, 2, n_frames, 2, channels))
-        return ops.max(x, axis=(2, 4))
+        x = ops.max(ops.reshape(x, (-1, n_freq, 2, n_frames * 2 * channels)), axis=2)
+        return ops.max(ops.reshape(x, (-1, n_freq, n_frames, 2, channels)), axis=3)
 
     def compute_output_shape(self, x_shape):
         frames = None if x_shape[2] is None else x_shape[2] // 2
@@ -103,10 +124,33 @@ def adaptive_bins(size: int, n: int) -> list[tuple[int, int]]:
     return [((i * size) // n, -((-(i + 1) * size) // n)) for i in range(n)]
 
 
-def _masked_max_over_time(x, inside):
-    """Max over the time axis (2) of x (B, F, T, C) where ``inside`` (B, T) is True."""
-    neg_inf = ops.convert_to_tensor(float("-inf"), dtype=x.dtype)
-    return ops.max(ops.where(inside[:, None, :, None], x, neg_inf), axis=2)
+def bin_max(x, axis: int, start, end):
+    """Max of ``x`` (B, ...) over positions [start, end) along ``axis``, for n bins at once.
+
+    ``start`` and ``end`` (B, n) int32 are each utterance's bins, 0 <= start < end <=
+    x.shape[axis]. Each bin's positions are gathered, the narrower bins repeating their
+    last position up to the widest bin's width, and maxed: the work is about n x the widest
+    bin positions, not n x the whole axis as a mask over all of it would be. A repeated
+    position changes neither the max nor the gradient (it is summed back to the one
+    position). Returns x with ``axis`` replaced by the n bins.
+    """
+    import tensorflow as tf
+
+    width = ops.max(end - start)
+    positions = start[:, :, None] + ops.arange(width, dtype="int32")[None, None, :]  # (B, n, W)
+    positions = ops.minimum(positions, end[:, :, None] - 1)
+    batch, n = ops.shape(start)[0], ops.shape(start)[1]
+    gathered = tf.gather(x, ops.reshape(positions, (batch, -1)), axis=axis, batch_dims=1)
+    dims = [ops.shape(x)[a] if x.shape[a] is None else x.shape[a] for a in range(x.ndim)]
+    gathered = ops.reshape(gathered, (batch, *dims[1:axis], n, width, *dims[axis + 1:]))
+    return ops.max(gathered, axis=axis + 1)
+
+
+def length_bins(lengths, n: int):
+    """(B, n) start and end of ``adaptive_bins(L, n)`` for each utterance's length L."""
+    i = ops.arange(n, dtype="int32")[None, :]
+    lengths = ops.cast(lengths, "int32")[:, None]
+    return (i * lengths) // n, ((i + 1) * lengths + n - 1) // n  # ceil, non-negative ints
 
 
 @keras.saving.register_keras_serializable(package="mdser")
@@ -114,8 +158,9 @@ class MaskedGlobalMaxPooling(keras.layers.Layer):
     """GMP: max over all frequencies and the real frames -> (B, 1, C), one 'bin' per map."""
 
     def call(self, x, lengths):
-        inside = frame_mask(lengths, ops.shape(x)[2])
-        pooled = ops.max(_masked_max_over_time(x, inside), axis=1)  # (B, C)
+        neg_inf = ops.convert_to_tensor(float("-inf"), dtype=x.dtype)
+        inside = frame_mask(lengths, ops.shape(x)[2])[:, None, :, None]
+        pooled = ops.max(ops.where(inside, x, neg_inf), axis=(1, 2))  # (B, C)
         return ops.expand_dims(pooled, 1)
 
     def compute_output_shape(self, x_shape, lengths_shape=None):
@@ -139,22 +184,13 @@ class SpatialPyramidPooling(keras.layers.Layer):
 
     def call(self, x, lengths):
         n_freq = self.n_freq or x.shape[1]
-        lengths = ops.cast(lengths, "int32")[:, None, None]  # (B, 1, 1)
-        frames = ops.arange(ops.shape(x)[2], dtype="int32")[None, None, :]  # (1, 1, T)
-        neg_inf = ops.convert_to_tensor(float("-inf"), dtype=x.dtype)
+        batch = ops.shape(x)[0]
         levels = []
         for n in self.levels:
-            # (B, n, T, C): max over each frequency bin, time still unpooled.
-            by_freq = ops.stack(
-                [ops.max(x[:, lo:hi], axis=1) for lo, hi in adaptive_bins(n_freq, n)], axis=1
-            )
-            i = ops.arange(n, dtype="int32")[None, :, None]  # (1, n, 1)
-            start = (i * lengths) // n
-            end = ((i + 1) * lengths + n - 1) // n  # ceil((i + 1) * L / n), non-negative ints only
-            inside = (frames >= start) & (frames < end)  # (B, n time bins, T)
-            # (B, n_freq_bins, n_time_bins, T, C) -> max over T: all time bins in one op.
-            masked = ops.where(inside[:, None, :, :, None], by_freq[:, :, None], neg_inf)
-            grid = ops.max(masked, axis=3)
+            freq_start, freq_end = (ops.broadcast_to(ops.convert_to_tensor(b[None]), (batch, n))
+                                    for b in np.array(adaptive_bins(n_freq, n), np.int32).T)
+            by_freq = bin_max(x, 1, freq_start, freq_end)  # (B, n, T, C)
+            grid = bin_max(by_freq, 2, *length_bins(lengths, n))  # (B, n, n, C)
             levels.append(ops.reshape(grid, (-1, n * n, x.shape[3])))
         return ops.concatenate(levels, axis=1)
 
