@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -136,3 +137,34 @@ def test_batching_bounds_are_the_peak_ratio_and_the_fixed_cost_share():
     bounds = batching_bounds(profile, peak=80e9)
     assert bounds["peak_bound"] == pytest.approx(16.0)
     assert bounds["fixed_share"] == pytest.approx(0.25)
+
+
+def test_reference_layers_compute_what_the_library_layers_compute(params):
+    """The reference path is the same model by its earlier ops, so its speed compares fairly."""
+    import keras
+    import tensorflow as tf
+
+    from mdser.bench.reference import reference_layers
+    from mdser.model import build_model, builder
+    from mdser.params import row_model
+
+    model_params = row_model(params, "mdcnn-ff-spp-att-arcface")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 40, 60, 3)).astype(np.float32)
+    lengths = np.array([60, 31, 9], np.int32)
+    outputs, grads, kinds = [], [], []
+    for context in (reference_layers, contextlib.nullcontext):
+        keras.utils.set_random_seed(0)
+        with context():
+            model = build_model(model_params, 4)
+        kinds.append({type(layer).__module__ for layer in model.layers})
+        with tf.GradientTape() as tape:
+            out = model({"features": x, "lengths": lengths})
+            loss = tf.reduce_sum(out * out)
+        outputs.append(np.asarray(out))
+        grads.append([np.asarray(g) for g in tape.gradient(loss, model.trainable_variables)])
+    assert "mdser.bench.reference" in kinds[0] and "mdser.bench.reference" not in kinds[1]
+    assert builder.Conv2D.__module__ == "mdser.model.layers"  # swapped back
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    for g, h in zip(*grads, strict=True):
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
