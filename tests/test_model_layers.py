@@ -8,6 +8,7 @@ import pytest
 from mdser.model import class_probabilities, per_sample_loss
 from mdser.model.layers import (
     BinAttention,
+    Conv2D,
     MaskedGlobalMaxPooling,
     MaskFrames,
     MaxPool2x2,
@@ -109,6 +110,52 @@ def test_max_pool_2x2_gradient_reaches_each_windows_maximum():
         fi, ti = np.unravel_index(np.argmax(window), window.shape)
         want[b, 2 * i + fi, 2 * j + ti, c] = upstream[b, i, j, c]
     np.testing.assert_array_equal(got, want)
+
+
+def np_dilated_conv_same(x: np.ndarray, kernel: np.ndarray, dilation: tuple[int, int]) -> np.ndarray:
+    """'same' 2-D convolution (cross-correlation) with dilation, stride 1, no bias: (B, H, W, Ci)."""
+    kh, kw, _, co = kernel.shape
+    (dh, dw), (b, h, w, _) = dilation, x.shape
+    ph, pw = dh * (kh - 1), dw * (kw - 1)
+    padded = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    out = np.zeros((b, h, w, co))
+    for i, j in np.ndindex(kh, kw):
+        out += padded[:, i * dh:i * dh + h, j * dw:j * dw + w] @ kernel[i, j]
+    return out
+
+
+@pytest.mark.parametrize("dilation", [(1, 1), (1, 2), (2, 3)])
+def test_dilated_conv_and_its_gradients_match_numpy(dilation):
+    """Whichever path this machine takes (the kernel's own dilation where oneDNN or cuDNN has
+    its gradient, SpaceToBatch elsewhere), outputs and both gradients are the convolution's."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(11)
+    x = tf.constant(rng.normal(size=(2, 6, 9, 2)).astype(np.float32))
+    layer = Conv2D(3, (3, 3), padding="same", dilation_rate=dilation, use_bias=False)
+    layer.build(x.shape)
+    kernel = np.asarray(layer.kernel, np.float64)
+    upstream = rng.normal(size=(2, 6, 9, 3))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x)
+        loss = tf.reduce_sum(y * upstream)
+    grad_x, grad_k = tape.gradient(loss, [x, layer.kernel])
+    xs = np.asarray(x, np.float64)
+    np.testing.assert_allclose(np.asarray(y), np_dilated_conv_same(xs, kernel, dilation), atol=1e-5)
+    # loss is linear in x and in the kernel: each gradient is the loss of a unit perturbation
+    want_x = np.zeros_like(xs)
+    for idx in np.ndindex(xs.shape):
+        unit = np.zeros_like(xs)
+        unit[idx] = 1.0
+        want_x[idx] = np.sum(np_dilated_conv_same(unit, kernel, dilation) * upstream)
+    want_k = np.zeros_like(kernel)
+    for idx in np.ndindex(kernel.shape):
+        unit = np.zeros_like(kernel)
+        unit[idx] = 1.0
+        want_k[idx] = np.sum(np_dilated_conv_same(xs, unit, dilation) * upstream)
+    np.testing.assert_allclose(np.asarray(grad_x), want_x, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(grad_k), want_k, atol=1e-4)
 
 
 def test_pool_lengths_floor():

@@ -16,6 +16,7 @@ The classifier heads and their losses (softmax, ArcFace Eq. 12-14) are in ``head
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import keras
@@ -29,17 +30,39 @@ LEAKY_SLOPE = 0.3
 # ----------------------------------------------------------------------------- convolution
 
 
+@functools.cache
+def native_dilated_gradient() -> bool:
+    """Whether this machine's default device has a dilated-convolution gradient kernel:
+    cuDNN on a GPU and oneDNN on a CPU do (TensorFlow turns oneDNN on for CPUs with
+    AVX-512 VNNI, BF16 or AMX); TensorFlow's own CPU kernels do not ("Current CPU
+    implementations do not yet support dilation rates larger than 1"). Probed once on a
+    tiny convolution, outside any trace."""
+    import tensorflow as tf
+
+    with tf.init_scope():
+        try:
+            tf.raw_ops.Conv2DBackpropInput(
+                input_sizes=[1, 1, 8, 1], filter=tf.ones((1, 3, 1, 1)), out_backprop=tf.ones((1, 1, 8, 1)),
+                strides=[1, 1, 1, 1], padding="SAME", dilations=[1, 1, 2, 1]).numpy()
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError):
+            return False
+    return True
+
+
 @keras.saving.register_keras_serializable(package="mdser")
 class Conv2D(keras.layers.Conv2D):
-    """keras.layers.Conv2D whose dilation runs inside the convolution kernel (oneDNN on a
-    CPU, cuDNN on a GPU): ``tf.nn.convolution``, which Keras calls, wraps every dilated
-    convolution off a TPU in SpaceToBatch/BatchToSpace copies, which cost a dilated FF
-    branch 1.2-1.4x its time on a CPU (README, *Performance*). Same weights and outputs up
-    to float rounding."""
+    """keras.layers.Conv2D whose dilation runs inside the convolution kernel where the
+    machine has one for its gradient (``native_dilated_gradient``: oneDNN on a CPU, cuDNN
+    on a GPU). ``tf.nn.convolution``, which Keras calls, wraps every dilated convolution off
+    a TPU in SpaceToBatch/BatchToSpace copies, which cost a dilated FF branch 1.2-1.4x its
+    time on a CPU (README, *Performance*); elsewhere that path stays. Same weights and
+    outputs up to float rounding."""
 
     def convolution_op(self, inputs, kernel):
         import tensorflow as tf
 
+        if max(self.dilation_rate) == 1 or not native_dilated_gradient():
+            return super().convolution_op(inputs, kernel)
         return tf.nn.conv2d(inputs, kernel, strides=list(self.strides),
                             padding=self.padding.upper(), dilations=list(self.dilation_rate))
 
