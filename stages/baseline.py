@@ -45,11 +45,11 @@ def main() -> None:
     args.metrics.write_text(json.dumps(row_metrics(summary), indent=2, sort_keys=True) + "\n")
 
     fold_ids = [f["fold"] for f in summary["folds"]]
-    figures = {k: confusion_figure(predictions[predictions["fold"] == k], classes) for k in fold_ids}
     histories = {k: pd.DataFrame({"epoch": []}) for k in fold_ids}  # no epochs: nothing to plot
     run_params = {"baseline": params["baseline"], "data": {"corpus": corpus},
                   "train": {k: params["train"][k] for k in ("folds", "standardize")}}
-    log_row(corpus, ROW, run_params, summary, histories, predictions, figures,
+    log_row(corpus, ROW, run_params, summary, histories, predictions,
+            confusion_figure(predictions, classes, ROW),
             baseline_tags("baseline", tree_hash(args.features / "meta.json", args.folds)),
             f"{params['mlflow']['experiment_prefix']}-{corpus}",
             texts={"selection.json": json.dumps(selection, indent=2, sort_keys=True)},

@@ -51,14 +51,11 @@ def main() -> None:
     args.metrics.write_text(json.dumps(row_metrics(summary), indent=2, sort_keys=True) + "\n")
 
     inputs = tree_hash(args.models, args.features / "meta.json", args.folds)
-    figures = {
-        f["fold"]: confusion_figure(predictions[predictions["fold"] == f["fold"]], folds_doc["classes"])
-        for f in summary["folds"]
-    }
+    figure = confusion_figure(predictions, folds_doc["classes"], args.row)
     run_params = {"model": model, "train": params["train"], model["head"]: params[model["head"]],
                   "data": {"corpus": corpus}}
     fold_params = {k: {n: str(st[n]) for n in FOLD_PARAMS} for k, st in fold_stats.items()}
-    log_row(corpus, args.row, run_params, summary, histories, predictions, figures,
+    log_row(corpus, args.row, run_params, summary, histories, predictions, figure,
             environment_tags(f"evaluate@{args.row}", inputs, fold_stats[min(fold_stats)]),
             f"{params['mlflow']['experiment_prefix']}-{corpus}", fold_params=fold_params,
             range_tests=range_tests)

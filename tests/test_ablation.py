@@ -206,7 +206,7 @@ def test_ablate_stage_is_deterministic_logs_the_steps_and_mlflow_rebuilds_its_ta
             pd.concat([h.assign(fold=k) for k, h in histories.items()]).to_csv(
                 out / "history.csv", index=False, lineterminator="\n")
         tracking.log_row("synth", row, {"data": {"corpus": "synth"}}, summary, histories, predictions,
-                         {}, {}, experiment)
+                         None, {}, experiment)
 
     produced = ["ablation.md", "ablation.csv", "ablation.json", "ablation_plot.csv", "images/ablation.png",
                 "images/baseline.png", "confusion/baseline.csv"]
@@ -239,7 +239,7 @@ def test_ablate_stage_is_deterministic_logs_the_steps_and_mlflow_rebuilds_its_ta
     # a later run of a row with other results (another experiment) does not get these steps
     other = fake_predictions(99, 0.9)
     tracking.log_row("synth", "ff-spp-softmax", {}, summarize(other, CLASSES),
-                     {k: pd.DataFrame({"epoch": []}) for k in range(3)}, other, {}, {}, experiment)
+                     {k: pd.DataFrame({"epoch": []}) for k in range(3)}, other, None, {}, experiment)
     summaries = {r: json.loads((tmp_path / "results" / r / "summary.json").read_text()) for r in ROWS}
     step = {"ff-spp-softmax": {"base": "ff-gmp-softmax", "n": 3, "delta": 0.5, "ci_low": 0.1,
                                "ci_high": 0.9, "p": 0.25, "p_min": 0.25, "significant": True}}

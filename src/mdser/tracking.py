@@ -23,6 +23,7 @@ import pandas as pd
 from filelock import FileLock
 
 from mdser.runtime import cpu_flags, cpu_model, main_repo_root
+from mdser.statistics import confusion_counts
 
 SUMMARY_METRICS = [
     "ua_mean", "ua_std", "wa_mean", "wa_std", "macro_f1_mean",
@@ -125,7 +126,7 @@ def _flat(prefix: str, d: dict[str, Any]) -> dict[str, str]:
 
 def log_row(
     corpus: str, row: str, run_params: dict[str, Any], summary: dict[str, Any],
-    histories: dict[int, pd.DataFrame], predictions: pd.DataFrame, figures: dict[int, Any],
+    histories: dict[int, pd.DataFrame], predictions: pd.DataFrame, figure: Any,
     tags: dict[str, str], experiment: str, texts: dict[str, str] | None = None,
     fold_params: dict[int, dict[str, str]] | None = None,
     range_tests: dict[int, pd.DataFrame] | None = None,
@@ -133,9 +134,11 @@ def log_row(
     """Log one evaluated ablation row: a parent run and a child run per fold.
 
     The parent holds the summary metrics, the `ua_ci_low`/`ua_ci_high` interval when
-    the summary has one, summary.json and any `texts` (artifact name -> content);
-    each child its curves (`histories[fold]`, may be empty), test metrics,
-    predictions, confusion figure and `fold_params[fold]` beside its fold number, and
+    the summary has one, summary.json, the row's confusion `figure` (over all folds; None:
+    none) and any `texts` (artifact name -> content); each child its curves
+    (`histories[fold]`, may be empty), test metrics, predictions, confusion counts
+    (confusion.json; one figure per fold would cost each stage a second of plotting)
+    and `fold_params[fold]` beside its fold number, and
     the learning-rate range test's curve (`range_tests[fold]`, empty with fixed bounds)
     as `range_test_<column>` metrics over its steps.
     """
@@ -143,6 +146,7 @@ def log_row(
 
     c = client()
     now = int(time.time() * 1000)
+    code = {name: i for i, name in enumerate(summary["classes"])}
     with store_lock():
         exp = experiment_id(c, experiment)
         close_dangling_runs(c, exp, row)
@@ -158,6 +162,8 @@ def log_row(
             params=[Param(k, v) for k, v in sorted(params.items())],
         )
         c.log_text(pid, json.dumps(summary, indent=2, sort_keys=True), "summary.json")
+        if figure is not None:
+            c.log_figure(pid, figure, "confusion.png")
         for name, text in sorted((texts or {}).items()):
             c.log_text(pid, text, name)
         for f in summary["folds"]:
@@ -184,9 +190,11 @@ def log_row(
             c.log_batch(cid, metrics=curves + final,
                         params=[Param("fold", str(k))] + [Param(n, v) for n, v in sorted(extra.items())],
                         tags=[RunTag("test_speaker", f["test_speaker"])])
-            c.log_text(cid, predictions[predictions["fold"] == k].to_csv(index=False), "predictions.csv")
-            if k in figures:
-                c.log_figure(cid, figures[k], "confusion.png")
+            fold_predictions = predictions[predictions["fold"] == k]
+            c.log_text(cid, fold_predictions.to_csv(index=False), "predictions.csv")
+            c.log_dict(cid, {"classes": summary["classes"], "actual_by_predicted": confusion_counts(
+                fold_predictions["actual"].map(code), fold_predictions["predicted"].map(code),
+                len(code)).tolist()}, "confusion.json")
             c.set_terminated(cid)
         c.set_terminated(pid)
     return pid
