@@ -20,6 +20,8 @@ from mdser.ablation import (
     BASELINE,
     convergence_frame,
     convergence_markdown,
+    headline_comparisons,
+    headline_frame,
     plot_frame,
     step_comparisons,
     steps_frame,
@@ -75,7 +77,8 @@ def main() -> None:
 
     frame = table_frame(params, models, summaries, corpus)
     steps = step_comparisons(params, summaries)
-    write_tables(frame, corpus, args.metrics / "ablation", steps_frame(steps), confidence)
+    headline = headline_frame(headline_comparisons(params, models, summaries))
+    write_tables(frame, corpus, args.metrics / "ablation", steps_frame(steps), confidence, headline)
     write_figure(plot_frame(frame), corpus, confidence, args.metrics / "images" / "ablation.png",
                  args.metrics / "ablation_plot.csv")
     print((args.metrics / "ablation.md").read_text())

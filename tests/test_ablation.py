@@ -16,8 +16,10 @@ import yaml
 from mdser.ablation import (
     BASELINE,
     convergence_frame,
+    headline_comparisons,
     markdown,
     plot_frame,
+    proposed_row,
     step_comparisons,
     steps_frame,
     table_frame,
@@ -95,6 +97,26 @@ def test_every_step_is_a_paired_comparison_of_its_two_rows(tables):
         ua = {r: [f["ua"] for f in summaries[r]["folds"]] for r in (row, s["base"])}
         expected = paired_comparison(ua[row], ua[s["base"]], PARAMS["ablation"]["confidence"])
         assert {k: v for k, v in s.items() if k != "base"} == expected
+
+
+def test_headline_compares_the_best_row_and_the_proposed_row_on_the_same_folds(tables):
+    summaries, _, _ = tables
+    models = {row: row_model(PARAMS, row) for row in PARAMS["ablation"]["rows"]}
+    proposed = proposed_row(models)
+    assert proposed == "mdcnn-ff-spp-att-arcface"
+    best = max(sorted(r for r in summaries if r != BASELINE), key=lambda r: summaries[r]["ua_mean"])
+    assert proposed != best
+    headline = headline_comparisons(PARAMS, models, summaries)
+    assert {k: (h["row"], h["base"]) for k, h in headline.items()} == {
+        "best CNN row vs baseline": (best, BASELINE), "proposed row vs baseline": (proposed, BASELINE),
+        "proposed row vs best CNN row": (proposed, best)}
+    for h in headline.values():
+        ua = {r: [f["ua"] for f in summaries[r]["folds"]] for r in (h["row"], h["base"])}
+        expected = paired_comparison(ua[h["row"]], ua[h["base"]], PARAMS["ablation"]["confidence"])
+        assert {k: v for k, v in h.items() if k not in ("row", "base")} == expected
+    # the proposed row as the best row: one comparison
+    as_best = summaries | {proposed: summaries[proposed] | {"ua_mean": 1.0}}
+    assert list(headline_comparisons(PARAMS, models, as_best)) == ["best CNN row vs baseline"]
 
 
 def test_markdown_has_the_ci_column_and_the_steps_section(tables):
@@ -218,6 +240,11 @@ def test_ablate_stage_is_deterministic_logs_the_steps_and_mlflow_rebuilds_its_ta
     assert "no parent run" not in capsys.readouterr().out
     md = runs[0]["ablation.md"].decode()
     assert md.count("\n| baseline |") == 2 and "## Ablation steps: paired comparisons" in md
+    headline = md.split("## Headline: the best CNN row and the proposed row\n")[1]
+    lines = [line for line in headline.splitlines() if line.startswith("| ") and "---" not in line]
+    written = {r: json.loads((tmp_path / "results" / r / "summary.json").read_text()) for r in ROWS}
+    best = max(ROWS, key=lambda r: written[r]["ua_mean"])  # no proposed row among ROWS
+    assert [line.split(" | ")[:3] for line in lines[1:]] == [["| best CNN row vs baseline", best, "baseline"]]
     assert not (tmp_path / "metrics" / "curves" / "baseline.csv").exists()
 
     c = tracking.client()

@@ -134,6 +134,44 @@ def step_comparisons(
     return out
 
 
+def proposed_row(models: dict[str, dict[str, Any]]) -> str | None:
+    """The row that is the paper's proposed model (Fig. 2): multi-dilated blocks, SPP,
+    attention and the ArcFace head; the first such row by name, None without one."""
+    full = {"conv": "mdcb", "pooling": "spp", "attention": True, "head": "arcface"}
+    return next((r for r in sorted(models) if all(models[r][k] == v for k, v in full.items())), None)
+
+
+def headline_comparisons(
+    params: dict[str, Any], models: dict[str, dict[str, Any]], summaries: dict[str, dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """What the tables are read for, as paired comparisons on the same test speakers: the
+    best CNN row (highest mean UA; the first by name on a tie) against the baseline, and
+    the paper's proposed row (`proposed_row`, when it was run and is not the best) against
+    the baseline and against the best CNN row. Keyed by what is compared; each value is
+    `step_comparisons`' entry ({base} | `paired_comparison`) plus its `row`."""
+    cnn = [r for r in sorted(summaries) if r != BASELINE]
+    if BASELINE not in summaries or not cnn:
+        return {}
+    best = max(cnn, key=lambda r: summaries[r]["ua_mean"])
+    pairs = {"best CNN row vs baseline": (best, BASELINE)}
+    proposed = proposed_row({r: m for r, m in models.items() if r in summaries})
+    if proposed is not None and proposed != best:
+        pairs |= {"proposed row vs baseline": (proposed, BASELINE),
+                  "proposed row vs best CNN row": (proposed, best)}
+    out = {}
+    for label, (row, base) in pairs.items():
+        _, a, b = paired_fold_uas(summaries[row], summaries[base])
+        out[label] = {"row": row, "base": base} | paired_comparison(a, b, params["ablation"]["confidence"])
+    return out
+
+
+def headline_frame(headline: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """`headline_comparisons` as table lines: `steps_frame`'s columns, led by the comparison."""
+    frame = steps_frame(headline).rename(columns={"row": "comparison"})
+    frame.insert(1, "row", [h["row"] for h in headline.values()])
+    return frame
+
+
 def steps_frame(steps: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """The step comparisons as table lines: differences in UA points (2 decimals), p to 4."""
     lines = [{
@@ -162,9 +200,24 @@ def _percent(confidence: float) -> str:
     return f"{100 * confidence:g} %"
 
 
+def _comparison_lines(comparisons: pd.DataFrame, ci: str) -> list[str]:
+    """A markdown table of `steps_frame` or `headline_frame` lines."""
+    lead = ["comparison"] if "comparison" in comparisons else []
+    header = [*lead, "row", "base", "folds", "Δ UA", f"{ci} of Δ", "Wilcoxon p", "smallest p",
+              "significant?"]
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * (len(lead) + 2) + "---:|" * 5 + "---|"]
+    for r in comparisons.itertuples():
+        cells = [r.comparison] if lead else []
+        cells += [r.row, r.base, str(r.folds), _cell(r.delta_ua), _interval(r.delta_ci_low, r.delta_ci_high),
+                  f"{r.p:.4g}", f"{r.p_min:.4g}", _significance(r.significant)]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
 def markdown(frame: pd.DataFrame, corpus: str, steps: pd.DataFrame | None = None,
-             confidence: float = 0.95) -> str:
-    """A table shaped like the paper's, one section per table, then the ablation steps."""
+             confidence: float = 0.95, headline: pd.DataFrame | None = None) -> str:
+    """A table shaped like the paper's, one section per table, then the ablation steps and
+    the headline comparisons."""
     out = [f"# Ablation on `{corpus}`: test UA (%), mean ± std over speaker folds\n"]
     titles = {
         "table1": "Table 1: CNN section, pooling and loss",
@@ -200,27 +253,30 @@ def markdown(frame: pd.DataFrame, corpus: str, steps: pd.DataFrame | None = None
             "for n nonzero differences). Not significant: the interval contains 0. With few folds "
             "the bootstrap, which resamples only those folds, is optimistic: read it with the smallest p.\n"
         )
-        out.append(f"| row | base | folds | Δ UA | {ci} of Δ | Wilcoxon p | smallest p | significant? |")
-        out.append("|---|---|---:|---:|---:|---:|---:|---|")
-        for r in steps.itertuples():
-            out.append(
-                f"| {r.row} | {r.base} | {r.folds} | {_cell(r.delta_ua)} | "
-                f"{_interval(r.delta_ci_low, r.delta_ci_high)} | {r.p:.4g} | {r.p_min:.4g} | "
-                f"{_significance(r.significant)} |"
-            )
+        out += _comparison_lines(steps, ci)
+    if headline is not None and len(headline):
+        out.append("\n## Headline: the best CNN row and the proposed row\n")
+        out.append(
+            "The same paired comparison for what the tables are read for: the CNN row with the "
+            "highest mean UA against the baseline, and the paper's proposed row (multi-dilated "
+            "blocks, SPP, attention, ArcFace) against the baseline and against that best row.\n")
+        out += _comparison_lines(headline, ci)
     return "\n".join(out) + "\n"
 
 
 def write_tables(frame: pd.DataFrame, corpus: str, stem: Any, steps: pd.DataFrame | None = None,
-                 confidence: float = 0.95) -> None:
+                 confidence: float = 0.95, headline: pd.DataFrame | None = None) -> None:
     """`stem`.md, .csv and .json, byte-identical for identical inputs.
 
-    The csv holds the table lines, then the step lines (`table` = "steps"); the json
-    is {table1: {row: {...}}, table3: {...}, steps: {row: {base, folds, delta_ua, ...}}}.
+    The csv holds the table lines, then the step lines (`table` = "steps"), then the
+    headline lines (`table` = "headline"); the json is {table1: {row: {...}}, table3: {...},
+    steps: {row: {base, folds, delta_ua, ...}}, headline: {comparison: {row, base, ...}}}.
     """
-    stem.with_suffix(".md").write_text(markdown(frame, corpus, steps, confidence), encoding="utf-8",
-                                       newline="\n")
-    csv = frame if steps is None else pd.concat([frame, steps.assign(table="steps")], ignore_index=True)
+    stem.with_suffix(".md").write_text(markdown(frame, corpus, steps, confidence, headline),
+                                       encoding="utf-8", newline="\n")
+    parts = [frame] + [part.assign(table=name) for name, part in (("steps", steps), ("headline", headline))
+                       if part is not None]
+    csv = pd.concat(parts, ignore_index=True)
     csv.to_csv(stem.with_suffix(".csv"), index=False, lineterminator="\n")
     records: dict[str, dict[str, Any]] = {}
     for r in json.loads(frame.to_json(orient="records")):
@@ -228,6 +284,9 @@ def write_tables(frame: pd.DataFrame, corpus: str, stem: Any, steps: pd.DataFram
     if steps is not None:
         for r in json.loads(steps.to_json(orient="records")):
             records.setdefault("steps", {})[r["row"]] = {k: r[k] for k in STEP_COLUMNS}
+    if headline is not None:
+        for r in json.loads(headline.to_json(orient="records")):
+            records.setdefault("headline", {})[r["comparison"]] = {k: r[k] for k in ("row", *STEP_COLUMNS)}
     stem.with_suffix(".json").write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
 
 

@@ -14,7 +14,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mdser.ablation import BASELINE, step_comparisons, steps_frame, table_frame, write_tables
+from mdser.ablation import (
+    BASELINE,
+    headline_comparisons,
+    headline_frame,
+    step_comparisons,
+    steps_frame,
+    table_frame,
+    write_tables,
+)
 from mdser.errors import UserError, run_stage
 from mdser.params import load_params, row_model
 from mdser.tracking import summaries_from_mlflow, tracking_uri
@@ -38,7 +46,8 @@ def main() -> None:
     args.stem.parent.mkdir(parents=True, exist_ok=True)
     frame = table_frame(params, models, summaries, corpus)
     steps = steps_frame(step_comparisons(params, summaries))
-    write_tables(frame, corpus, args.stem, steps, params["ablation"]["confidence"])
+    headline = headline_frame(headline_comparisons(params, models, summaries))
+    write_tables(frame, corpus, args.stem, steps, params["ablation"]["confidence"], headline)
     print(f"{len(rows)} rows and the baseline from {experiment!r} -> {args.stem}.md")
 
 
