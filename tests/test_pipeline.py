@@ -40,7 +40,8 @@ def test_repro_writes_every_stage_and_the_table(repo):
     for row in ROWS:
         assert f"| {row} |" in table
     metrics = json.loads((repo / "metrics/ablation.json").read_text())
-    assert set(metrics) == {"table1", "table3", "steps"}
+    assert set(metrics) == {"table1", "table3", "steps", "headline"}
+    assert "best CNN row vs baseline" in metrics["headline"]
     shown = run(["dvc", "metrics", "show", "--json"], repo).stdout
     assert "ua_mean" in shown
 
