@@ -117,21 +117,24 @@ def paired_fold_uas(row: dict[str, Any], base: dict[str, Any]) -> tuple[list[int
     return folds, [float(a[k]["ua"]) for k in folds], [float(b[k]["ua"]) for k in folds]
 
 
+def compare_rows(summaries: dict[str, dict[str, Any]], row: str, base: str, confidence: float,
+                 ) -> dict[str, Any]:
+    """`paired_comparison` of two rows' fold UAs on their shared test folds, plus `base`."""
+    folds, a, b = paired_fold_uas(summaries[row], summaries[base])
+    if not folds:
+        raise UserError(f"ablation step {row} vs {base}: the two rows share no test fold")
+    return {"base": base} | paired_comparison(a, b, confidence)
+
+
 def step_comparisons(
     params: dict[str, Any], summaries: dict[str, dict[str, Any]],
 ) -> dict[str, dict[str, Any]]:
     """Each ablation step whose two rows were run: `paired_comparison` of their fold
     UAs (fractions, not %), plus `base`; in `ablation.steps` order."""
     confidence = params["ablation"]["confidence"]
-    out = {}
-    for row, base in params["ablation"]["steps"].items():
-        if row not in summaries or base not in summaries:
-            continue
-        folds, a, b = paired_fold_uas(summaries[row], summaries[base])
-        if not folds:
-            raise UserError(f"ablation step {row} vs {base}: the two rows share no test fold")
-        out[row] = {"base": base} | paired_comparison(a, b, confidence)
-    return out
+    return {row: compare_rows(summaries, row, base, confidence)
+            for row, base in params["ablation"]["steps"].items()
+            if row in summaries and base in summaries}
 
 
 def proposed_row(models: dict[str, dict[str, Any]]) -> str | None:
@@ -158,11 +161,9 @@ def headline_comparisons(
     if proposed is not None and proposed != best:
         pairs |= {"proposed row vs baseline": (proposed, BASELINE),
                   "proposed row vs best CNN row": (proposed, best)}
-    out = {}
-    for label, (row, base) in pairs.items():
-        _, a, b = paired_fold_uas(summaries[row], summaries[base])
-        out[label] = {"row": row, "base": base} | paired_comparison(a, b, params["ablation"]["confidence"])
-    return out
+    confidence = params["ablation"]["confidence"]
+    return {label: {"row": row} | compare_rows(summaries, row, base, confidence)
+            for label, (row, base) in pairs.items()}
 
 
 def headline_frame(headline: dict[str, dict[str, Any]]) -> pd.DataFrame:
