@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from repo_runs import BackgroundRepro, MlflowServer
 
+import mdser  # noqa: F401  (sets TensorFlow's CPU kernels before any test module imports it)
+
 
 @functools.cache
 def _gpus() -> int:

@@ -11,7 +11,7 @@ import pytest
 from mdser.bench import ROOT
 from mdser.bench.data import synthetic_lengths
 from mdser.bench.flops import model_flops
-from mdser.bench.folds import fold_throughput
+from mdser.bench.folds import fold_throughput, tensorflow_onednn_default
 from mdser.bench.gpu import project_ablation
 from mdser.bench.machine import PeakMemory, machine_info, matmul_peak
 from mdser.bench.pipeline import STAGE_LINE
@@ -86,6 +86,21 @@ def test_fold_epochs_run_each_way_in_a_fresh_process(folds):
         assert run["utt_per_s"] > 0 and run["wall_s"] > 0
         assert 0 < run["cpu_utilisation"] <= 1.05  # CPU time cannot exceed wall x cores
     assert folds["speedup"] == pytest.approx(one["utt_per_s"] / ref["utt_per_s"])
+    # the reference keeps TensorFlow's own kernel choice; the library's way has oneDNN
+    assert ref["onednn"] == (tensorflow_onednn_default() == "1")
+    assert one["onednn"] and par["onednn"]
+
+
+def test_tensorflow_onednn_default_is_what_tensorflow_chooses_by_itself():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    code = "from tensorflow.python.util import _pywrap_util_port as p; print(int(p.IsMklEnabled()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == tensorflow_onednn_default()
 
 
 def fold_run(mode: str, workers: int, utt_per_s: float) -> dict:

@@ -124,12 +124,19 @@ def np_dilated_conv_same(x: np.ndarray, kernel: np.ndarray, dilation: tuple[int,
     return out
 
 
+@pytest.mark.parametrize("path", ["native", "space_to_batch"])
 @pytest.mark.parametrize("dilation", [(1, 1), (1, 2), (2, 3)])
-def test_dilated_conv_and_its_gradients_match_numpy(dilation):
-    """Whichever path this machine takes (the kernel's own dilation where oneDNN or cuDNN has
-    its gradient, SpaceToBatch elsewhere), outputs and both gradients are the convolution's."""
+def test_dilated_conv_and_its_gradients_match_numpy(dilation, path, monkeypatch):
+    """Both paths of `Conv2D` (the kernel's own dilation where oneDNN or cuDNN has its
+    gradient, Keras' SpaceToBatch elsewhere): outputs and both gradients are the convolution's."""
     import tensorflow as tf
 
+    from mdser.model import layers
+
+    if path == "native" and not layers.native_dilated_gradient():
+        pytest.skip("no dilated-convolution gradient kernel here (TF_ENABLE_ONEDNN_OPTS=0?)")
+    if path == "space_to_batch":
+        monkeypatch.setattr(layers, "native_dilated_gradient", lambda: False)
     rng = np.random.default_rng(11)
     x = tf.constant(rng.normal(size=(2, 6, 9, 2)).astype(np.float32))
     layer = Conv2D(3, (3, 3), padding="same", dilation_rate=dilation, use_bias=False)
@@ -156,6 +163,22 @@ def test_dilated_conv_and_its_gradients_match_numpy(dilation):
         want_k[idx] = np.sum(np_dilated_conv_same(xs, unit, dilation) * upstream)
     np.testing.assert_allclose(np.asarray(grad_x), want_x, atol=1e-4)
     np.testing.assert_allclose(np.asarray(grad_k), want_k, atol=1e-4)
+
+
+def test_importing_mdser_turns_onednn_on_unless_the_user_chose():
+    """oneDNN's kernels (and with them the dilated gradient) on every CPU, set before any
+    import of TensorFlow; a user's TF_ENABLE_ONEDNN_OPTS wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, mdser; print(os.environ['TF_ENABLE_ONEDNN_OPTS'])"
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    for given, want in ((None, "1"), ("0", "0")):
+        run_env = env if given is None else env | {"TF_ENABLE_ONEDNN_OPTS": given}
+        out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True,
+                             text=True, check=True).stdout
+        assert out.strip() == want
 
 
 def test_pool_lengths_floor():

@@ -4,8 +4,9 @@ Three ways to train the same folds, each in a fresh interpreter (TensorFlow's th
 are fixed when it starts):
 
 * ``reference``: one fold after another, every op on all cores (TensorFlow's default), the
-  model built from the layers of that time (`bench.reference`) — the training step as it
-  was when the training-speed issue was filed, kept as the benchmark's reference path;
+  model built from the layers of that time (`bench.reference`) and TensorFlow's own choice
+  of CPU kernels (`tensorflow_onednn_default`) — the training step as it was when the
+  training-speed issue was filed, kept as the benchmark's reference path;
 * ``sequential``: `row_training.train_row` with `runtime.workers: 1` — one fold after
   another, one thread per op (`runtime.configure`; independent ops still run at once);
 * ``threads``: `train_row` with `runtime.workers: 0` — one fold per core, each in its own
@@ -32,11 +33,27 @@ from typing import Any
 from mdser.bench import ROOT, print_result, read_result
 
 MODES = ("reference", "sequential", "threads")
+# TensorFlow turns oneDNN on by itself only for CPUs with these (its 2.9 release notes:
+# "CPUs with neural-network-focused hardware features such as AVX512_VNNI, AVX512_BF16,
+# and AMX"); `mdser` turns it on everywhere (src/mdser/__init__.py).
+ONEDNN_BY_DEFAULT = {"avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"}
 
 
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def tensorflow_onednn_default() -> str:
+    """TF_ENABLE_ONEDNN_OPTS as TensorFlow would choose it on this CPU: "1" or "0"."""
+    from pathlib import Path
+
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in
+                     Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = []
+    return "1" if ONEDNN_BY_DEFAULT & set(flags) else "0"
 
 
 def fold_epochs(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
@@ -46,6 +63,7 @@ def fold_epochs(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
 
     import numpy as np
     import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port
 
     from mdser.batching import length_batches
     from mdser.bench.data import IEMOCAP, no_standardization, synthetic_set
@@ -91,12 +109,15 @@ def fold_epochs(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     return {"mode": mode, "workers": workers, "folds": n_folds, "utterances": n_folds * n_utts,
             "wall_s": wall, "utt_per_s": n_folds * n_utts / wall, "cpu_s": cpu,
-            "cpu_utilisation": cpu / (wall * cores), "cores": cores}
+            "cpu_utilisation": cpu / (wall * cores), "cores": cores,
+            "onednn": bool(_pywrap_util_port.IsMklEnabled())}
 
 
 def in_fresh_process(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
     """`fold_epochs` in a new interpreter (its own TensorFlow thread pools)."""
     env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    if mode == "reference":
+        env["TF_ENABLE_ONEDNN_OPTS"] = tensorflow_onednn_default()
     proc = subprocess.run([sys.executable, "-m", "mdser.bench.folds", mode, str(n_utts),
                            str(n_folds)], capture_output=True, text=True, env=env)
     if proc.returncode:
