@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "data": {"synth": {"utterances": 70}},
     "model": {"filters": 4, "attention_units": 8, "fc_units": 8},
-    "train": {"folds": 2, "max_epochs": 2},
+    "train": {"folds": 2, "max_epochs": 2, "start_from_epoch": 0},
 }
 
 

@@ -34,6 +34,7 @@ def test_the_repository_params_are_valid():
 BAD = [
     ("unknown key", lambda p: p["train"].update(max_epoch=3), "train.max_epoch"),
     ("wrong type", lambda p: p["train"].update(max_epochs="many"), "train.max_epochs"),
+    ("selection after the cap", lambda p: p["train"].update(start_from_epoch=25), "train.start_from_epoch"),
     ("margin >= pi", lambda p: p["arcface"].update(m=3.5), "arcface.m"),
     ("negative margin", lambda p: p["arcface"].update(m=-0.1), "arcface.m"),
     ("scale <= 0", lambda p: p["arcface"].update(s=0), "arcface.s"),

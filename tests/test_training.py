@@ -156,6 +156,19 @@ def test_a_fold_resumed_after_an_epoch_ends_as_an_uninterrupted_one(tmp_path):
     assert history == whole_history and stats == whole_stats
 
 
+@pytest.mark.slow
+def test_no_epoch_up_to_start_from_epoch_is_selected_or_counted_for_patience():
+    from mdser.training import RowTrainer
+
+    trainer = RowTrainer(TINY_MODEL, TINY_TRAIN, HEAD_PARAMS, 3, 8)
+    train = TINY_TRAIN | {"max_epochs": 4, "start_from_epoch": 3, "patience": 1}
+    best, history, stats = fit(trainer, train, 0)
+    assert len(history) == 4 and stats["best_epoch"] == 4  # the one epoch after the start
+    assert same(best, trainer.model.get_weights())
+    _, history, stats = fit(trainer, train | {"max_epochs": 8, "start_from_epoch": 2}, 0)
+    assert stats["best_epoch"] >= 3 and len(history) >= 4  # patience counts from epoch 3
+
+
 MIRRORED = """
 import json, sys
 import numpy as np, tensorflow as tf

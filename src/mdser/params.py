@@ -115,6 +115,7 @@ class Train(Strict):
     range_test: RangeTest
     class_weight_alpha: Literal["auto"] | PositiveFloat
     patience: Annotated[int, Field(ge=0)]
+    start_from_epoch: Annotated[int, Field(ge=0)]
     standardize: Literal["train", "global"]
     seed: int
     mixed_precision: bool
@@ -124,6 +125,9 @@ class Train(Strict):
     def _lr_range(self) -> Train:
         if self.lr_min > self.lr_max:
             raise ValueError(f"train.lr_min = {self.lr_min} must not exceed train.lr_max = {self.lr_max}")
+        if self.start_from_epoch >= self.max_epochs:
+            raise ValueError(f"train.start_from_epoch = {self.start_from_epoch} leaves no epoch to "
+                             f"select within train.max_epochs = {self.max_epochs}")
         return self
 
 

@@ -331,10 +331,11 @@ def fit_fold(
     not an argument, so it cannot influence training, the range test or checkpoint
     selection. With `train.lr_policy` range_test the CLR bounds come from the range
     test (`stats["range_test"]` holds its curve), else from train.lr_min/lr_max.
-    Training stops after `train.patience` epochs without a better validation UA, or
-    at `train.max_epochs`. With `checkpoint`, the state after each epoch is kept
-    there and a later call continues from it, with the same result as an
-    uninterrupted fold.
+    The first `train.start_from_epoch` epochs are trained but never selected (as in
+    Keras' EarlyStopping); after them, training stops after `train.patience` epochs
+    without a better validation UA, or at `train.max_epochs`. With `checkpoint`, the
+    state after each epoch is kept there and a later call continues from it, with the
+    same result as an uninterrupted fold.
     """
     seed = train["seed"] * 1000 + fold
     rng = np.random.default_rng(seed)
@@ -391,7 +392,9 @@ def fit_fold(
         lr = float(cyclical_lr(steps * epoch, steps, lr_min, lr_max))
         progress["history"].append({"epoch": epoch, "train_loss": loss, "val_ua": val_ua, "lr": lr})
         progress["epoch"] = epoch
-        if val_ua > progress["best_ua"]:
+        if epoch <= train["start_from_epoch"]:
+            pass  # still warming up: neither a candidate nor counted for patience
+        elif val_ua > progress["best_ua"]:
             progress |= {"best_ua": val_ua, "best_epoch": epoch, "waited": 0}
             best_weights = trainer.model.get_weights()
         else:
