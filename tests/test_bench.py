@@ -69,9 +69,9 @@ def test_training_profile_structure_and_masked_equality(params, row):
 
 @pytest.fixture(scope="module")
 def folds():
-    """Every way of training folds, each in its own interpreter, on 2 folds of 4 utterances
-    (one per class)."""
-    return fold_throughput(4, 2, workers=1)
+    """Every way of training folds, each in its own interpreter, 2 epochs on 2 folds of 4
+    utterances (one per class)."""
+    return fold_throughput(4, 2, 2, workers=1)
 
 
 @pytest.mark.slow  # three fresh TensorFlow processes
@@ -82,7 +82,7 @@ def test_fold_epochs_run_each_way_in_a_fresh_process(folds):
     assert ref["workers"] == one["workers"] == 1 and par["workers"] == min(2, os.cpu_count())
     assert folds["default"] == "sequential"  # runtime.workers = 1
     for run in (ref, one, par):
-        assert run["utterances"] == 8 and run["folds"] == 2
+        assert run["utterances"] == 16 and run["folds"] == 2 and run["epochs"] == 2
         assert run["utt_per_s"] > 0 and run["wall_s"] > 0
         assert 0 < run["cpu_utilisation"] <= 1.05  # CPU time cannot exceed wall x cores
     assert folds["speedup"] == pytest.approx(one["utt_per_s"] / ref["utt_per_s"])
@@ -105,7 +105,8 @@ def test_tensorflow_onednn_default_is_what_tensorflow_chooses_by_itself():
 
 def fold_run(mode: str, workers: int, utt_per_s: float) -> dict:
     """A `fold_epochs` result of that shape (the report's formatting only)."""
-    return {"mode": mode, "workers": workers, "folds": 2, "utterances": 8, "wall_s": 8 / utt_per_s,
+    return {"mode": mode, "workers": workers, "folds": 2, "epochs": 1, "utterances": 8,
+            "wall_s": 8 / utt_per_s,
             "utt_per_s": utt_per_s, "cpu_s": 1.0, "cpu_utilisation": 0.8, "cores": 2}
 
 

@@ -12,13 +12,16 @@ are fixed when it starts):
 * ``threads``: `train_row` with `runtime.workers: 0` — one fold per core, each in its own
   thread, one thread per op.
 
-Each trains the default profile's `RowTrainer` for one epoch on each of the same folds of
-synthetic IEMOCAP-like utterances (after one traced warm-up step per trainer), and reports
-utterances per second and the process's CPU time over wall time x cores. The results of
+Each trains the default profile's `RowTrainer` for a few epochs on each of the same folds
+of synthetic IEMOCAP-like utterances (after one traced warm-up step per trainer), and
+reports utterances per second and the process's CPU time over wall time x cores. Several
+epochs because a real fold runs at least `train.start_from_epoch` + `train.patience` of
+them: a fold's first epoch also pays for the kernels of each new batch shape (oneDNN
+generates code per shape), which one-epoch folds would overweight. The results of
 `train_row` do not depend on `runtime.workers` (one thread per op), so the faster way can
 be the default.
 
-    python -m mdser.bench.folds {reference,sequential,threads} UTTERANCES_PER_FOLD FOLDS
+    python -m mdser.bench.folds {reference,sequential,threads} UTTERANCES_PER_FOLD FOLDS EPOCHS
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ def tensorflow_onednn_default() -> str:
     return "1" if ONEDNN_BY_DEFAULT & set(flags) else "0"
 
 
-def fold_epochs(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
-    """One epoch on each of `n_folds` folds of `n_utts` utterances, trained the `mode` way."""
+def fold_epochs(mode: str, n_utts: int, n_folds: int, epochs: int) -> dict[str, Any]:
+    """`epochs` epochs on each of `n_folds` folds of `n_utts` utterances, trained the `mode` way."""
     import contextlib
     import threading
 
@@ -97,7 +100,8 @@ def fold_epochs(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
 
     def work(w: int) -> None:
         for frames, rows, labels, weights, groups in folds[w::workers]:
-            trainers[w].run(frames, rows, labels, weights, groups, mean, std)
+            for _ in range(epochs):
+                trainers[w].run(frames, rows, labels, weights, groups, mean, std)
 
     cpu0, t0 = cpu_seconds(), time.perf_counter()
     threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
@@ -107,39 +111,40 @@ def fold_epochs(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
         t.join()
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     cores = os.cpu_count() or 1
-    return {"mode": mode, "workers": workers, "folds": n_folds, "utterances": n_folds * n_utts,
-            "wall_s": wall, "utt_per_s": n_folds * n_utts / wall, "cpu_s": cpu,
+    trained = n_folds * n_utts * epochs
+    return {"mode": mode, "workers": workers, "folds": n_folds, "epochs": epochs,
+            "utterances": trained, "wall_s": wall, "utt_per_s": trained / wall, "cpu_s": cpu,
             "cpu_utilisation": cpu / (wall * cores), "cores": cores,
             "onednn": bool(_pywrap_util_port.IsMklEnabled())}
 
 
-def in_fresh_process(mode: str, n_utts: int, n_folds: int) -> dict[str, Any]:
+def in_fresh_process(mode: str, n_utts: int, n_folds: int, epochs: int) -> dict[str, Any]:
     """`fold_epochs` in a new interpreter (its own TensorFlow thread pools)."""
     env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
     if mode == "reference":
         env["TF_ENABLE_ONEDNN_OPTS"] = tensorflow_onednn_default()
     proc = subprocess.run([sys.executable, "-m", "mdser.bench.folds", mode, str(n_utts),
-                           str(n_folds)], capture_output=True, text=True, env=env)
+                           str(n_folds), str(epochs)], capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"fold-epoch job {mode} failed ({proc.returncode}):\n"
                            f"{proc.stderr[-3000:]}")
     return read_result(proc.stdout)
 
 
-def fold_throughput(n_utts: int, n_folds: int, workers: int) -> dict[str, Any]:
+def fold_throughput(n_utts: int, n_folds: int, epochs: int, workers: int) -> dict[str, Any]:
     """Every way on the same folds; `default`: the way `runtime.workers` = `workers` picks,
     and its speed-up over the reference."""
-    runs = {mode: in_fresh_process(mode, n_utts, n_folds) for mode in MODES}
+    runs = {mode: in_fresh_process(mode, n_utts, n_folds, epochs) for mode in MODES}
     default = "sequential" if workers == 1 else "threads"
     return runs | {"default": default,
                    "speedup": runs[default]["utt_per_s"] / runs["reference"]["utt_per_s"]}
 
 
 def main(argv: list[str] | None = None) -> None:
-    mode, n_utts, n_folds = (argv or sys.argv[1:])[:3]
+    mode, n_utts, n_folds, epochs = (argv or sys.argv[1:])[:4]
     if mode not in MODES:
         raise SystemExit(f"mode must be one of {MODES}, got {mode!r}")
-    print_result(fold_epochs(mode, int(n_utts), int(n_folds)))
+    print_result(fold_epochs(mode, int(n_utts), int(n_folds), int(epochs)))
 
 
 if __name__ == "__main__":

@@ -252,8 +252,9 @@ def write_report(r: dict[str, Any], path: Path) -> None:
     if fo:
         ref = fo["reference"]
         lines += ["", "## Fold-epoch throughput (default profile)", "",
-                  f"One epoch on each of {ref['folds']} folds of "
-                  f"{ref['utterances'] // ref['folds']} IEMOCAP-like utterances, each way in a "
+                  f"{ref['epochs']} epochs on each of {ref['folds']} folds of "
+                  f"{ref['utterances'] // (ref['folds'] * ref['epochs'])} IEMOCAP-like utterances, "
+                  "each way in a "
                   f"fresh interpreter (`python -m mdser.bench.folds`); `train_row` as configured "
                   f"(`runtime.workers`) is `{fo['default']}`.",
                   "", "| way | fold workers | threads per op | utt/s | CPU utilisation |",
