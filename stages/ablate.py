@@ -6,13 +6,14 @@ with the baseline row, intervals, the paired ablation-step comparisons and the f
 Reads results/<row>/ for every `ablation.rows` row and results/baseline/; writes
 metrics/ablation.{md,csv,json}, metrics/training.md (did the curves flatten),
 metrics/ablation_plot.csv, metrics/images/ablation.png, the confusion data and images,
-the curves and the learning-rate range tests; logs each step's comparison to its row's
-MLflow parent run.
+the curves and the learning-rate range tests; logs each row's confusion image and its
+step's comparison to the row's MLflow parent run.
 """
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -32,12 +33,12 @@ from mdser.ablation import (
 from mdser.errors import UserError, run_stage
 from mdser.evaluation import confusion_figure
 from mdser.params import load_params, row_model
-from mdser.tracking import log_steps
+from mdser.tracking import log_ablation
 
 
-def read_row(results: Path, metrics: Path, row: str, stage: str) -> tuple[dict, pd.DataFrame | None]:
-    """A row's summary and training history (None: the baseline has none); writes its
-    confusion data and image, its mean curve and its range-test curve."""
+def read_row(results: Path, metrics: Path, row: str, stage: str) -> tuple[dict, pd.DataFrame | None, Any]:
+    """A row's summary, training history (None: the baseline has none) and confusion
+    figure; writes its confusion data and image, its mean curve and its range-test curve."""
     path = results / row / "summary.json"
     if not path.exists():
         raise UserError(f"{path}: missing; run `dvc repro {stage}`")
@@ -58,7 +59,7 @@ def read_row(results: Path, metrics: Path, row: str, stage: str) -> tuple[dict, 
         sweep_curve.round(6).to_csv(metrics / "range_test" / f"{row}.csv", index=False, lineterminator="\n")
     fig = confusion_figure(predictions, summary["classes"], row)
     fig.savefig(metrics / "images" / f"{row}.png", dpi=80, metadata={"Software": None})
-    return summary | {"n_folds": len(summary["folds"])}, history
+    return summary | {"n_folds": len(summary["folds"])}, history, fig
 
 
 def main() -> None:
@@ -71,8 +72,8 @@ def main() -> None:
     corpus, confidence = params["data"]["corpus"], params["ablation"]["confidence"]
 
     read = {row: read_row(args.results, args.metrics, row, f"evaluate@{row}") for row in rows}
-    summaries = {row: summary for row, (summary, _) in read.items()}
-    summaries[BASELINE], _ = read_row(args.results, args.metrics, BASELINE, "baseline")
+    read[BASELINE] = read_row(args.results, args.metrics, BASELINE, "baseline")
+    summaries = {row: summary for row, (summary, _, _) in read.items()}
     models = {row: row_model(params, row) for row in rows}
 
     frame = table_frame(params, models, summaries, corpus)
@@ -84,17 +85,17 @@ def main() -> None:
     print((args.metrics / "ablation.md").read_text())
 
     train, tail = params["train"], max(params["train"]["patience"], 1)
-    convergence = convergence_frame({row: history for row, (_, history) in read.items()},
+    convergence = convergence_frame({row: history for row, (_, history, _) in read.items() if row in rows},
                                     train["max_epochs"], tail)
     (args.metrics / "training.md").write_text(
         convergence_markdown(convergence, train["max_epochs"], train["patience"], tail), encoding="utf-8",
         newline="\n")
 
     experiment = f"{params['mlflow']['experiment_prefix']}-{corpus}"
-    missing = log_steps(experiment, steps, summaries)
+    missing = log_ablation(experiment, summaries, steps, {row: fig for row, (_, _, fig) in read.items()})
     if missing:
         print(f"MLflow: no parent run of {missing} in {experiment!r} holds these results; "
-              "their step comparisons were not logged")
+              "their step comparisons and confusion images were not logged")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import pandas as pd
 
 from mdser.baseline import ROW, baseline_predictions
 from mdser.errors import run_stage
-from mdser.evaluation import confusion_figure, row_metrics, summarize
+from mdser.evaluation import row_metrics, summarize
 from mdser.params import load_params
 from mdser.splits import read_folds
 from mdser.stores import atomic_dir, tree_hash
@@ -49,7 +49,6 @@ def main() -> None:
     run_params = {"baseline": params["baseline"], "data": {"corpus": corpus},
                   "train": {k: params["train"][k] for k in ("folds", "standardize")}}
     log_row(corpus, ROW, run_params, summary, histories, predictions,
-            confusion_figure(predictions, classes, ROW),
             baseline_tags("baseline", tree_hash(args.features / "meta.json", args.folds)),
             f"{params['mlflow']['experiment_prefix']}-{corpus}",
             texts={"selection.json": json.dumps(selection, indent=2, sort_keys=True)},

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from mdser.errors import run_stage
-from mdser.evaluation import confusion_figure, row_metrics, summarize, test_predictions
+from mdser.evaluation import row_metrics, summarize, test_predictions
 from mdser.params import load_params, row_model
 from mdser.splits import read_folds
 from mdser.stores import atomic_dir, tree_hash
@@ -51,11 +51,10 @@ def main() -> None:
     args.metrics.write_text(json.dumps(row_metrics(summary), indent=2, sort_keys=True) + "\n")
 
     inputs = tree_hash(args.models, args.features / "meta.json", args.folds)
-    figure = confusion_figure(predictions, folds_doc["classes"], args.row)
     run_params = {"model": model, "train": params["train"], model["head"]: params[model["head"]],
                   "data": {"corpus": corpus}}
     fold_params = {k: {n: str(st[n]) for n in FOLD_PARAMS} for k, st in fold_stats.items()}
-    log_row(corpus, args.row, run_params, summary, histories, predictions, figure,
+    log_row(corpus, args.row, run_params, summary, histories, predictions,
             environment_tags(f"evaluate@{args.row}", inputs, fold_stats[min(fold_stats)]),
             f"{params['mlflow']['experiment_prefix']}-{corpus}", fold_params=fold_params,
             range_tests=range_tests)

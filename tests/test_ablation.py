@@ -228,7 +228,7 @@ def test_ablate_stage_is_deterministic_logs_the_steps_and_mlflow_rebuilds_its_ta
             pd.concat([h.assign(fold=k) for k, h in histories.items()]).to_csv(
                 out / "history.csv", index=False, lineterminator="\n")
         tracking.log_row("synth", row, {"data": {"corpus": "synth"}}, summary, histories, predictions,
-                         None, {}, experiment)
+                         {}, experiment)
 
     produced = ["ablation.md", "ablation.csv", "ablation.json", "ablation_plot.csv", "images/ablation.png",
                 "images/baseline.png", "confusion/baseline.csv"]
@@ -257,6 +257,9 @@ def test_ablate_stage_is_deterministic_logs_the_steps_and_mlflow_rebuilds_its_ta
         assert round(run.data.metrics["step_p"], 4) == steps[row]["p"]
         assert {"step_ci_low", "step_ci_high", "step_p_min", "step_folds"} <= set(run.data.metrics)
         assert "ua_ci_low" in run.data.metrics
+    for row in [BASELINE, *ROWS]:  # ablate, not evaluate, drew and logged the confusion images
+        run = tracking.latest_parent_runs(c, experiment, [row])[row][0]
+        assert "confusion.png" in [a.path for a in c.list_artifacts(run.info.run_id)]
 
     run_in_process(monkeypatch, tmp_path, ROOT / "src" / "mdser" / "table_from_mlflow.py",
                    "metrics/from_mlflow")
@@ -266,15 +269,16 @@ def test_ablate_stage_is_deterministic_logs_the_steps_and_mlflow_rebuilds_its_ta
     # a later run of a row with other results (another experiment) does not get these steps
     other = fake_predictions(99, 0.9)
     tracking.log_row("synth", "ff-spp-softmax", {}, summarize(other, CLASSES),
-                     {k: pd.DataFrame({"epoch": []}) for k in range(3)}, other, None, {}, experiment)
+                     {k: pd.DataFrame({"epoch": []}) for k in range(3)}, other, {}, experiment)
     summaries = {r: json.loads((tmp_path / "results" / r / "summary.json").read_text()) for r in ROWS}
     step = {"ff-spp-softmax": {"base": "ff-gmp-softmax", "n": 3, "delta": 0.5, "ci_low": 0.1,
                                "ci_high": 0.9, "p": 0.25, "p_min": 0.25, "significant": True}}
-    assert tracking.log_steps(experiment, step, summaries) == []
+    only = {"ff-spp-softmax": summaries["ff-spp-softmax"]}
+    assert tracking.log_ablation(experiment, only, step, {}) == []
     newest, matched = tracking.latest_parent_runs(c, experiment, ["ff-spp-softmax"])["ff-spp-softmax"][:2]
     assert "step_delta_ua" not in newest.data.metrics and matched.data.metrics["step_delta_ua"] == 0.5
     summaries["ff-spp-softmax"]["ua_mean"] += 0.01  # results no run holds: nothing is logged
-    assert tracking.log_steps(experiment, step, summaries) == ["ff-spp-softmax"]
+    assert tracking.log_ablation(experiment, only, step, {}) == ["ff-spp-softmax"]
 
 
 def test_convergence_frame_reads_each_fold_curve():

@@ -126,7 +126,7 @@ def _flat(prefix: str, d: dict[str, Any]) -> dict[str, str]:
 
 def log_row(
     corpus: str, row: str, run_params: dict[str, Any], summary: dict[str, Any],
-    histories: dict[int, pd.DataFrame], predictions: pd.DataFrame, figure: Any,
+    histories: dict[int, pd.DataFrame], predictions: pd.DataFrame,
     tags: dict[str, str], experiment: str, texts: dict[str, str] | None = None,
     fold_params: dict[int, dict[str, str]] | None = None,
     range_tests: dict[int, pd.DataFrame] | None = None,
@@ -134,11 +134,11 @@ def log_row(
     """Log one evaluated ablation row: a parent run and a child run per fold.
 
     The parent holds the summary metrics, the `ua_ci_low`/`ua_ci_high` interval when
-    the summary has one, summary.json, the row's confusion `figure` (over all folds; None:
-    none) and any `texts` (artifact name -> content); each child its curves
-    (`histories[fold]`, may be empty), test metrics, predictions, confusion counts
-    (confusion.json; one figure per fold would cost each stage a second of plotting)
-    and `fold_params[fold]` beside its fold number, and
+    the summary has one, summary.json and any `texts` (artifact name -> content); the row's
+    confusion image comes later, from `log_ablation` (drawing it here would cost every
+    `evaluate` stage a second). Each child holds its curves (`histories[fold]`, may be
+    empty), test metrics, predictions, confusion counts (confusion.json) and
+    `fold_params[fold]` beside its fold number, and
     the learning-rate range test's curve (`range_tests[fold]`, empty with fixed bounds)
     as `range_test_<column>` metrics over its steps.
     """
@@ -162,8 +162,6 @@ def log_row(
             params=[Param(k, v) for k, v in sorted(params.items())],
         )
         c.log_text(pid, json.dumps(summary, indent=2, sort_keys=True), "summary.json")
-        if figure is not None:
-            c.log_figure(pid, figure, "confusion.png")
         for name, text in sorted((texts or {}).items()):
             c.log_text(pid, text, name)
         for f in summary["folds"]:
@@ -273,18 +271,21 @@ def _same_results(run: Any, summary: dict[str, Any]) -> bool:
     )
 
 
-def log_steps(
-    experiment: str, steps: dict[str, dict[str, Any]], summaries: dict[str, dict[str, Any]],
+def log_ablation(
+    experiment: str, summaries: dict[str, dict[str, Any]], steps: dict[str, dict[str, Any]],
+    figures: dict[str, Any],
 ) -> list[str]:
-    """Log each ablation step's paired comparison to its row's parent run.
+    """Log what `ablate` computed to each row's parent run: its confusion image
+    (`figures[row]`, over all folds, as confusion.png) and its ablation step's paired comparison.
 
     `steps`: row -> `mdser.ablation.step_comparisons` entry (base, n, delta, ci_low,
     ci_high, p, p_min, significant). The run is the newest finished parent run of
     the row whose summary metrics equal `summaries[row]` (the results the table was
-    built from, not a later run of another experiment); it gets the metrics
+    built from, not a later run of another experiment); a step gives it the metrics
     `step_delta_ua`, `step_ci_low`, `step_ci_high` (absent below 2 folds), `step_p`,
     `step_p_min`, `step_folds` and the tags `step_base` (the row it modifies) and
-    `step_significant`. Returns the rows that had no such run (nothing logged for them).
+    `step_significant`. Returns the rows of `summaries` that had no such run (nothing
+    logged for them).
     """
     from mlflow.entities import Metric, RunTag
 
@@ -292,12 +293,18 @@ def log_steps(
     now = int(time.time() * 1000)
     missing = []
     with store_lock():
-        runs = latest_parent_runs(c, experiment, sorted(steps))
-        for row, step in steps.items():
-            match = [r for r in runs.get(row, []) if _same_results(r, summaries[row])]
+        runs = latest_parent_runs(c, experiment, sorted(summaries))
+        for row, summary in sorted(summaries.items()):
+            match = [r for r in runs.get(row, []) if _same_results(r, summary)]
             if not match:
                 missing.append(row)
                 continue
+            run_id = match[0].info.run_id
+            if row in figures:
+                c.log_figure(run_id, figures[row], "confusion.png")
+            if row not in steps:
+                continue
+            step = steps[row]
             values = {
                 "step_delta_ua": step["delta"], "step_ci_low": step["ci_low"],
                 "step_ci_high": step["ci_high"], "step_p": step["p"], "step_p_min": step["p_min"],
@@ -305,7 +312,7 @@ def log_steps(
             }
             significant = step["significant"]
             c.log_batch(
-                match[0].info.run_id,
+                run_id,
                 metrics=[Metric(k, float(v), now, 0) for k, v in sorted(values.items()) if v is not None],
                 tags=[RunTag("step_base", step["base"]),
                       RunTag("step_significant", "-" if significant is None else str(significant).lower())],
