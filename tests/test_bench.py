@@ -78,7 +78,7 @@ def folds():
 def test_fold_epochs_run_each_way_in_a_fresh_process(folds):
     import os
 
-    ref, one, par = folds["reference"], folds["sequential"], folds["threads"]
+    ref, one, par = folds["reference"], folds["sequential"], folds["processes"]
     assert ref["workers"] == one["workers"] == 1 and par["workers"] == min(2, os.cpu_count())
     assert folds["default"] == "sequential"  # runtime.workers = 1
     for run in (ref, one, par):
@@ -112,7 +112,7 @@ def fold_run(mode: str, workers: int, utt_per_s: float) -> dict:
 
 def test_report_and_json_from_toy_results(params, tmp_path):
     folds = {"reference": fold_run("reference", 1, 10.0), "sequential": fold_run("sequential", 1, 12.0),
-             "threads": fold_run("threads", 2, 11.0), "default": "threads", "speedup": 1.1}
+             "processes": fold_run("processes", 2, 11.0), "default": "processes", "speedup": 1.1}
     row = "cnn-gmp-softmax"
     results = {
         "quick": True, "date": "today", "wall_s": 1.0, "machine": machine_info(),

@@ -1,9 +1,10 @@
 """Train one ablation row: every selected fold, in parallel workers, through a resume cache.
 
 `train_row` is what the `train@<row>` stage runs. Each fold is trained by
-`training.fit_with_smaller_batches_on_oom` in its own thread with its own traced
-`RowTrainer`; every TensorFlow op runs on one thread (`runtime.configure`), so the result
-does not depend on how many folds train at once. A finished fold is kept under
+`training.fit_with_smaller_batches_on_oom`, on a CPU in one of `runtime.workers` spawned
+processes, each with its own traced `RowTrainer` and one core; every TensorFlow op runs on
+one thread (`runtime.configure`), so the result does not depend on how many folds train
+at once. A finished fold is kept under
 `.cache/resume/<row>/<key>/`, keyed by `fold_key` over everything its result depends on —
 the row's parameters, the fold, the feature values and this library's code
 (`code_digest`) — and the fold in progress keeps its state after every epoch, so an
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from mdser.console import progress_bar
-from mdser.runtime import configure, cpu_flags, device_name
+from mdser.runtime import cpu_flags, device_name
 from mdser.splits import encode_labels, fold_members
-from mdser.training import KERAS_GLOBALS, STOP, RowTrainer, fit_with_smaller_batches_on_oom
+from mdser.training import RowTrainer, fit_with_smaller_batches_on_oom
 
 
 def code_digest() -> str:
@@ -44,32 +44,105 @@ def fold_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def gpu_present() -> bool:
+    """An NVIDIA GPU this process may use, seen without starting TensorFlow (which a
+    process must not have started before it spawns fold processes)."""
+    import os
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
+
+
 def fold_workers(runtime: dict[str, Any], n_folds: int) -> int:
     """Folds trained at once: `runtime.workers` (0 = one per core); one on a GPU."""
     import os
 
-    import tensorflow as tf
-
-    if tf.config.list_logical_devices("GPU"):
+    if gpu_present():
         return 1
     return max(1, min(n_folds, runtime["workers"] or os.cpu_count() or 1))
 
 
-def train_in_threads(train_fold: Any, folds: list[dict[str, Any]], workers: int) -> None:
-    """`train_fold` for every fold, `workers` at a time; the first error (or a signal in
-    this thread) stops the others at their next batch."""
-    from concurrent.futures import ThreadPoolExecutor
+def start_fold_process(stop: Any = None) -> None:
+    """A fold process: every TensorFlow op and the graph itself on one thread (the
+    processes use one core each), and the stage's stop event as `training.STOP`."""
+    import tensorflow as tf
 
-    with ThreadPoolExecutor(workers, "fold") as pool:
-        futures = [pool.submit(train_fold, fold) for fold in folds]
+    from mdser import training
+
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    if stop is not None:
+        training.STOP = stop
+
+
+def train_in_processes(jobs: list[tuple], workers: int, on_done: Any) -> None:
+    """`train_fold` for every job in `workers` spawned processes (the stage's process never
+    starts TensorFlow); the first error, or a signal here, stops the others at their next
+    batch, and the error is raised once they have."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    with ProcessPoolExecutor(workers, context, start_fold_process, (stop,)) as pool:
+        futures = {pool.submit(train_fold, *job) for job in jobs}
         try:
-            for future in futures:
-                future.result()  # in fold order
+            while futures:
+                done, futures = wait(futures, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    future.result()
+                    on_done()
         except BaseException:
-            STOP.set()
+            stop.set()
             for future in futures:
                 future.cancel()
             raise
+
+
+# What a process keeps from one fold of the row to its next: the features and a traced trainer.
+PROCESS_CACHE: dict[str, Any] = {}
+
+
+def train_fold(
+    params: dict[str, Any], row: str, model_params: dict[str, Any], feature_store: Path,
+    folds_doc: dict[str, Any], fold: dict[str, Any], done_dir: Path, checkpoint: Path,
+) -> None:
+    """Train one fold and keep its selected model, test-speaker probabilities, history,
+    range-test curve and stats in `done_dir` (written atomically); its state after each
+    epoch goes to `checkpoint`. Runs in the stage's process or in a fold process."""
+    import tensorflow as tf
+
+    from mdser.stores import TEST_PROBABILITIES_FILE, atomic_dir, open_fold_features
+
+    train, classes = params["train"], folds_doc["classes"]
+    if not PROCESS_CACHE:  # this process's first fold of the row
+        index, frames = open_fold_features(feature_store, folds_doc, train["folds"])[:2]
+        trainer = RowTrainer(model_params, train, params[model_params["head"]], len(classes),
+                             frames.shape[1])
+        PROCESS_CACHE.update(index=index, frames=frames, trainer=trainer)
+    index, frames = PROCESS_CACHE["index"], PROCESS_CACHE["frames"]
+    trainer = PROCESS_CACHE["trainer"]
+    members = fold_members(index, fold)
+    fit_members = {"train": members["train"], "val": members["val"], "all": index}
+    labels = {r: encode_labels(members[r], classes) for r in ("train", "val")}
+    best, history, stats = fit_with_smaller_batches_on_oom(
+        trainer, train, frames, fit_members, labels, len(classes), fold["fold"], row,
+        checkpoint=checkpoint,
+    )
+    with atomic_dir(done_dir) as tmp:
+        trainer.model.set_weights(best)
+        trainer.model.save_weights(tmp / "model.weights.h5")
+        score_test_speaker(trainer, frames, members["test"], stats, classes,
+                           train["batch_frames"]).to_csv(
+            tmp / TEST_PROBABILITIES_FILE, index=False, float_format="%.9g", lineterminator="\n")
+        pd.DataFrame(history).to_csv(tmp / "history.csv", index=False, lineterminator="\n")
+        curve = stats.pop("range_test")
+        pd.DataFrame(curve, columns=["step", "lr", "train_loss", "train_ua", "val_ua"]).to_csv(
+            tmp / "range_test.csv", index=False, lineterminator="\n")
+        stats |= {"fold": fold["fold"], "device": device_name(), "cpu_flags": cpu_flags(),
+                  "tensorflow": tf.__version__, "replicas": trainer.replicas}
+        (tmp / "fold.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
 
 
 def score_test_speaker(
@@ -91,71 +164,36 @@ def train_row(
 ) -> list[dict[str, Any]]:
     """Train every selected fold of one ablation row into `out`.
 
-    Folds are independent: `runtime.workers` threads train them at once, each with its
-    own traced model, and every TensorFlow op runs on one thread (see `configure`), so
-    the result does not depend on how many train at once. Each finished fold is kept
+    Folds are independent: on a CPU, `runtime.workers` processes train them at once,
+    each with its own traced model, and every TensorFlow op runs on one thread (see
+    `configure`), so the result does not depend on how many train at once. Each finished fold is kept
     under `resume_dir/<key>/` and the fold in progress keeps its state after every
     epoch, so an interrupted stage resumes from the last completed epoch; the key
     hashes the row's parameters, the fold, the feature values and this library's code,
     so a changed input or code never gets an old fold back. The row's resume state is
     removed once every fold is done.
     """
-    import tensorflow as tf
-
-    from mdser.stores import (
-        FEATURES_FILE,
-        TEST_PROBABILITIES_FILE,
-        atomic_dir,
-        open_fold_features,
-        sha256_file,
-    )
+    from mdser.stores import FEATURES_FILE, open_fold_features, sha256_file
 
     train, classes = params["train"], folds_doc["classes"]
-    index, frames, meta, selected = open_fold_features(feature_store, folds_doc, train["folds"])
+    _, _, meta, selected = open_fold_features(feature_store, folds_doc, train["folds"])
     head_params = params[model_params["head"]]
     inputs = [model_params, train, head_params, meta, sha256_file(feature_store / FEATURES_FILE),
               code_digest(), classes]
     keys = {fold["fold"]: fold_key(*inputs, fold) for fold in selected}
     resume_dir.mkdir(parents=True, exist_ok=True)
-    pending = [f for f in selected if not (resume_dir / keys[f["fold"]] / "fold.json").exists()]
-    configure(train)
-    trainers: dict[int, RowTrainer] = {}
-
-    def train_fold(fold: dict[str, Any]) -> None:
-        thread = threading.get_ident()
-        if thread not in trainers:
-            with KERAS_GLOBALS:
-                trainers[thread] = RowTrainer(model_params, train, head_params, len(classes), frames.shape[1])
-        trainer, key = trainers[thread], keys[fold["fold"]]
-        members = fold_members(index, fold)
-        fit_members = {"train": members["train"], "val": members["val"], "all": index}
-        labels = {r: encode_labels(members[r], classes) for r in ("train", "val")}
-        best, history, stats = fit_with_smaller_batches_on_oom(
-            trainer, train, frames, fit_members, labels, len(classes), fold["fold"], row,
-            checkpoint=resume_dir / f"{key}.epoch",
-        )
-        with atomic_dir(resume_dir / key) as tmp:
-            trainer.model.set_weights(best)
-            trainer.model.save_weights(tmp / "model.weights.h5")
-            score_test_speaker(trainer, frames, members["test"], stats, classes,
-                               train["batch_frames"]).to_csv(
-                tmp / TEST_PROBABILITIES_FILE, index=False, float_format="%.9g", lineterminator="\n")
-            pd.DataFrame(history).to_csv(tmp / "history.csv", index=False, lineterminator="\n")
-            curve = stats.pop("range_test")
-            pd.DataFrame(curve, columns=["step", "lr", "train_loss", "train_ua", "val_ua"]).to_csv(
-                tmp / "range_test.csv", index=False, lineterminator="\n")
-            stats |= {"fold": fold["fold"], "device": device_name(), "cpu_flags": cpu_flags(),
-                      "tensorflow": tf.__version__, "replicas": trainer.replicas}
-            (tmp / "fold.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-        folds_done.update()
-
-    workers = fold_workers(params["runtime"], len(pending))
-    with progress_bar(f"train {row}", len(pending), "fold") as folds_done:
-        if workers == 1:  # in this thread: a signal stops the fold where it is
-            for fold in pending:
-                train_fold(fold)
+    PROCESS_CACHE.clear()  # another row's trainer
+    jobs = [(params, row, model_params, feature_store, folds_doc, fold, resume_dir / keys[fold["fold"]],
+             resume_dir / f"{keys[fold['fold']]}.epoch")
+            for fold in selected if not (resume_dir / keys[fold["fold"]] / "fold.json").exists()]
+    workers = fold_workers(params["runtime"], len(jobs))
+    with progress_bar(f"train {row}", len(jobs), "fold") as folds_done:
+        if workers == 1:  # in this process: a signal stops the fold where it is
+            for job in jobs:
+                train_fold(*job)
+                folds_done.update()
         else:
-            train_in_threads(train_fold, pending, workers)
+            train_in_processes(jobs, workers, folds_done.update)
     results = []
     for fold in selected:
         target = out / f"fold_{fold['fold']}"

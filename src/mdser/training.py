@@ -25,10 +25,9 @@ from mdser.features import standardization
 from mdser.runtime import configure
 from mdser.statistics import unweighted_accuracy
 
-# Keras' global RNG and tracing state: folds trained in parallel threads take turns with it.
-KERAS_GLOBALS = threading.RLock()
 RANGE_TEST_SAMPLE = 128  # training utterances whose UA the range test follows
-# Set when the stage stops (an error in another fold, a signal): every fold stops at its next batch.
+# Set when the stage stops (an error in another fold, a signal): every fold stops at its next
+# batch. A fold process gets the stage's event instead (`row_training.start_fold_process`).
 STOP = threading.Event()
 
 
@@ -185,7 +184,7 @@ class RowTrainer:
                 return replica_step(x, lengths, y, w, tf.cast(tf.size(y), tf.float32))
 
             self.train_step = train_step
-            train_step.get_concrete_function()  # traced here, under the caller's KERAS_GLOBALS
+            train_step.get_concrete_function()  # traced here, not at the first step
         else:
             @tf.function(jit_compile=train["xla"], reduce_retracing=True)
             def mirrored_step(x: Any, lengths: Any, y: Any, w: Any, count: Any) -> Any:
@@ -219,9 +218,8 @@ class RowTrainer:
         with `sweep_steps`, the range test's sweep from bounds[0] to bounds[1] over that many steps."""
         import keras
 
-        with KERAS_GLOBALS:
-            keras.utils.set_random_seed(seed)
-            initial = self.build().get_weights()
+        keras.utils.set_random_seed(seed)
+        initial = self.build().get_weights()
         self.model.set_weights(initial)
         self.set_state({"optimizer": self.initial_optimizer})
         lr_min, lr_max = bounds or self.fixed_bounds
@@ -243,8 +241,11 @@ class TrainingDiverged(UserError):
     """A NaN or infinite loss: names the row, fold and epoch."""
 
     def __init__(self, message: str, fold: int):
-        super().__init__(message)
+        super().__init__(message, fold)
         self.fold = fold
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class FoldStopped(Exception):

@@ -9,8 +9,9 @@ are fixed when it starts):
   training-speed issue was filed, kept as the benchmark's reference path;
 * ``sequential``: `row_training.train_row` with `runtime.workers: 1` — one fold after
   another, one thread per op (`runtime.configure`; independent ops still run at once);
-* ``threads``: `train_row` with `runtime.workers: 0` — one fold per core, each in its own
-  thread, one thread per op.
+* ``processes``: `train_row` with `runtime.workers: 0` — one fold process per core
+  (`row_training.start_fold_process`: one thread per op and for the graph), each training
+  its share of the folds; their utterances over the slowest one's wall time.
 
 Each trains the default profile's `RowTrainer` for a few epochs on each of the same folds
 of synthetic IEMOCAP-like utterances (after one traced warm-up step per trainer), and
@@ -21,7 +22,7 @@ generates code per shape), which one-epoch folds would overweight. The results o
 `train_row` do not depend on `runtime.workers` (one thread per op), so the faster way can
 be the default.
 
-    python -m mdser.bench.folds {reference,sequential,threads} UTTERANCES_PER_FOLD FOLDS EPOCHS
+    python -m mdser.bench.folds {reference,sequential,processes} UTTERANCES_PER_FOLD FOLDS EPOCHS [PART PARTS]
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 
 from mdser.bench import ROOT, print_result, read_result
 
-MODES = ("reference", "sequential", "threads")
+MODES = ("reference", "sequential", "processes")
 # TensorFlow turns oneDNN on by itself only for CPUs with these (its 2.9 release notes:
 # "CPUs with neural-network-focused hardware features such as AVX512_VNNI, AVX512_BF16,
 # and AMX"); `mdser` turns it on everywhere (src/mdser/__init__.py).
@@ -59,10 +60,11 @@ def tensorflow_onednn_default() -> str:
     return "1" if ONEDNN_BY_DEFAULT & set(flags) else "0"
 
 
-def fold_epochs(mode: str, n_utts: int, n_folds: int, epochs: int) -> dict[str, Any]:
-    """`epochs` epochs on each of `n_folds` folds of `n_utts` utterances, trained the `mode` way."""
+def fold_epochs(mode: str, n_utts: int, n_folds: int, epochs: int, part: int = 0,
+                parts: int = 1) -> dict[str, Any]:
+    """`epochs` epochs on folds `part`, `part + parts`, ... of `n_folds` folds of `n_utts`
+    utterances, trained the `mode` way (in this process)."""
     import contextlib
-    import threading
 
     import numpy as np
     import tensorflow as tf
@@ -73,15 +75,16 @@ def fold_epochs(mode: str, n_utts: int, n_folds: int, epochs: int) -> dict[str, 
     from mdser.bench.reference import reference_layers
     from mdser.bench.training import Trainer, profiles
     from mdser.params import load_params
-    from mdser.row_training import fold_workers
-    from mdser.training import KERAS_GLOBALS, class_weights
+    from mdser.row_training import start_fold_process
+    from mdser.training import class_weights
 
     params = load_params(ROOT / "params.yaml")
     model_params, train = profiles(params)["default"], params["train"]
     if mode == "reference":
         tf.config.threading.set_intra_op_parallelism_threads(0)  # all cores per op
         tf.constant(0.0)  # TensorFlow starts now: `configure` can no longer change it
-    workers = fold_workers({"workers": 0}, n_folds) if mode == "threads" else 1
+    if mode == "processes":
+        start_fold_process(None)
     n_classes, n_mels = IEMOCAP["classes"], params["features"]["n_mels"]
     mean, std = no_standardization()
     folds = []
@@ -90,61 +93,67 @@ def fold_epochs(mode: str, n_utts: int, n_folds: int, epochs: int) -> dict[str, 
         weights = class_weights(labels, n_classes, train["class_weight_alpha"]).astype(np.float32)
         groups = length_batches(lengths, train["batch_frames"], np.random.default_rng(k))
         folds.append((frames, rows, labels, weights, groups))
-    trainers = []
-    with KERAS_GLOBALS, reference_layers() if mode == "reference" else contextlib.nullcontext():
-        for _ in range(workers):
-            trainers.append(Trainer(model_params, train, params[model_params["head"]], n_classes, n_mels))
-    for trainer in trainers:
-        frames, rows, labels, weights, groups = folds[0]
-        trainer.run(frames, rows, labels, weights, groups[:1], mean, std)  # trace + warm-up
-
-    def work(w: int) -> None:
-        for frames, rows, labels, weights, groups in folds[w::workers]:
-            for _ in range(epochs):
-                trainers[w].run(frames, rows, labels, weights, groups, mean, std)
+    with reference_layers() if mode == "reference" else contextlib.nullcontext():
+        trainer = Trainer(model_params, train, params[model_params["head"]], n_classes, n_mels)
+    frames, rows, labels, weights, groups = folds[0]
+    trainer.run(frames, rows, labels, weights, groups[:1], mean, std)  # trace + warm-up
 
     cpu0, t0 = cpu_seconds(), time.perf_counter()
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    mine = folds[part::parts]
+    for frames, rows, labels, weights, groups in mine:
+        for _ in range(epochs):
+            trainer.run(frames, rows, labels, weights, groups, mean, std)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     cores = os.cpu_count() or 1
-    trained = n_folds * n_utts * epochs
-    return {"mode": mode, "workers": workers, "folds": n_folds, "epochs": epochs,
+    trained = len(mine) * n_utts * epochs
+    return {"mode": mode, "workers": parts, "folds": len(mine), "epochs": epochs,
             "utterances": trained, "wall_s": wall, "utt_per_s": trained / wall, "cpu_s": cpu,
             "cpu_utilisation": cpu / (wall * cores), "cores": cores,
             "onednn": bool(_pywrap_util_port.IsMklEnabled())}
 
 
-def in_fresh_process(mode: str, n_utts: int, n_folds: int, epochs: int) -> dict[str, Any]:
-    """`fold_epochs` in a new interpreter (its own TensorFlow thread pools)."""
+def in_fresh_processes(mode: str, n_utts: int, n_folds: int, epochs: int,
+                       parts: int = 1) -> dict[str, Any]:
+    """`fold_epochs` in `parts` new interpreters at once (their own TensorFlow thread pools),
+    each on its share of the folds: their utterances over the slowest one's wall time."""
     env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
     if mode == "reference":
         env["TF_ENABLE_ONEDNN_OPTS"] = tensorflow_onednn_default()
-    proc = subprocess.run([sys.executable, "-m", "mdser.bench.folds", mode, str(n_utts),
-                           str(n_folds), str(epochs)], capture_output=True, text=True, env=env)
-    if proc.returncode:
-        raise RuntimeError(f"fold-epoch job {mode} failed ({proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
-    return read_result(proc.stdout)
+    procs = [subprocess.Popen([sys.executable, "-m", "mdser.bench.folds", mode, str(n_utts),
+                               str(n_folds), str(epochs), str(part), str(parts)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for part in range(parts)]
+    runs = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"fold-epoch job {mode} failed ({proc.returncode}):\n{err[-3000:]}")
+        runs.append(read_result(out))
+    wall, cpu = max(r["wall_s"] for r in runs), sum(r["cpu_s"] for r in runs)
+    trained = sum(r["utterances"] for r in runs)
+    return runs[0] | {"workers": parts, "folds": n_folds, "utterances": trained, "wall_s": wall,
+                      "utt_per_s": trained / wall, "cpu_s": cpu,
+                      "cpu_utilisation": cpu / (wall * runs[0]["cores"])}
 
 
 def fold_throughput(n_utts: int, n_folds: int, epochs: int, workers: int) -> dict[str, Any]:
     """Every way on the same folds; `default`: the way `runtime.workers` = `workers` picks,
     and its speed-up over the reference."""
-    runs = {mode: in_fresh_process(mode, n_utts, n_folds, epochs) for mode in MODES}
-    default = "sequential" if workers == 1 else "threads"
+    from mdser.row_training import fold_workers
+
+    parts = fold_workers({"workers": 0}, n_folds)
+    runs = {mode: in_fresh_processes(mode, n_utts, n_folds, epochs, parts if mode == "processes" else 1)
+            for mode in MODES}
+    default = "sequential" if workers == 1 else "processes"
     return runs | {"default": default,
                    "speedup": runs[default]["utt_per_s"] / runs["reference"]["utt_per_s"]}
 
 
 def main(argv: list[str] | None = None) -> None:
-    mode, n_utts, n_folds, epochs = (argv or sys.argv[1:])[:4]
+    mode, *numbers = argv or sys.argv[1:]
     if mode not in MODES:
         raise SystemExit(f"mode must be one of {MODES}, got {mode!r}")
-    print_result(fold_epochs(mode, int(n_utts), int(n_folds), int(epochs)))
+    print_result(fold_epochs(mode, *map(int, numbers)))
 
 
 if __name__ == "__main__":

@@ -70,12 +70,12 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         out.append(("Fold-epoch throughput, default profile (`train_row` as configured vs the "
                     "reference step)", "≥ 3×",
                     f"{fo['speedup']:.2f}× ({fo['default']}: {dflt['utt_per_s']:.1f} vs "
-                    f"{ref['utt_per_s']:.1f} utt/s; fold threads: "
-                    f"{fo['threads']['utt_per_s']:.1f})",
+                    f"{ref['utt_per_s']:.1f} utt/s; fold processes: "
+                    f"{fo['processes']['utt_per_s']:.1f})",
                     fo["speedup"] >= TARGETS["fold_epoch_speedup"]))
         out.append(("Both cores busy while training (CPU time / wall × cores)", "≥ 90 %",
-                    f"{100 * dflt['cpu_utilisation']:.0f} % ({fo['default']}; fold threads "
-                    f"{100 * fo['threads']['cpu_utilisation']:.0f} %, reference "
+                    f"{100 * dflt['cpu_utilisation']:.0f} % ({fo['default']}; fold processes "
+                    f"{100 * fo['processes']['cpu_utilisation']:.0f} %, reference "
                     f"{100 * ref['cpu_utilisation']:.0f} %)",
                     dflt["cpu_utilisation"] >= TARGETS["train_cpu_utilisation"]))
     for name in ("paper", "default", "plain"):
@@ -259,7 +259,7 @@ def write_report(r: dict[str, Any], path: Path) -> None:
                   f"(`runtime.workers`) is `{fo['default']}`.",
                   "", "| way | fold workers | threads per op | utt/s | CPU utilisation |",
                   "|---|---|---|---|---|"]
-        for mode, threads in (("reference", "all cores"), ("sequential", "1"), ("threads", "1")):
+        for mode, threads in (("reference", "all cores"), ("sequential", "1"), ("processes", "1")):
             f = fo[mode]
             lines.append(f"| {mode} | {f['workers']} | {threads} | {f['utt_per_s']:.1f} | "
                          f"{100 * f['cpu_utilisation']:.0f} % |")
