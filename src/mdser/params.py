@@ -184,7 +184,7 @@ class Runtime(Strict):
     depends on it."""
 
     workers: Annotated[int, Field(
-        ge=0, description="folds trained at once, each in its own thread; 0 = one per core")]
+        ge=0, description="folds trained at once, each in its own process on one core; 0 = one per core")]
 
 
 class Ablation(Strict):
