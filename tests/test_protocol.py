@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import pandas as pd
 import pytest
 from helpers import tiny_params, trainer_config
 
+from mdser.errors import UserError
 from mdser.splits import fold_members, speaker_folds
 
 N_MELS = 8
@@ -339,22 +341,58 @@ def test_the_fit_loop_weighs_each_utterance_by_eq15(trained, store):
     assert np.bincount(trained_labels, minlength=3).tolist() == np.bincount(labels, minlength=3).tolist()
 
 
-def test_folds_trained_in_threads_equal_folds_trained_one_after_another(store, tmp_path):
-    """`runtime.workers` changes how many folds train at once, never a result: every file of
-    every fold (weights, history, range test, test scores, fold record) is byte-identical."""
+def train_tiny_row(workers: int, store: dict, out: Path, resume: Path) -> None:
+    """`train_row` of the tiny row on the store's first 2 folds with `runtime.workers`."""
     from mdser.row_training import train_row
 
     folds_doc = {"manifest_sha256": store["manifest_sha256"], "classes": CLASSES,
                  "folds": store["folds"][:2]}
+    params = tiny_params({"model": MODEL, "train": TRAIN | {"folds": 2, "max_epochs": 4},
+                          "runtime": {"workers": workers}}, validate=True)
+    train_row(params, "tiny", dict(MODEL), store["path"], folds_doc, out, resume)
+
+
+def test_folds_trained_in_processes_equal_folds_trained_one_after_another(store, tmp_path):
+    """`runtime.workers` changes how many folds train at once, never a result: every file of
+    every fold (weights, history, range test, test scores, fold record) is byte-identical.
+    One worker trains in the stage's own process, so that run gets a fresh interpreter as a
+    stage would (this one's TensorFlow may already be set up by other tests)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     outs = {}
     for workers in (1, 2):
-        params = tiny_params({"model": MODEL, "train": TRAIN | {"folds": 2, "max_epochs": 4},
-                              "runtime": {"workers": workers}}, validate=True)
-        out = tmp_path / f"workers{workers}"
-        train_row(params, "tiny", dict(MODEL), store["path"], folds_doc, out, tmp_path / f"resume{workers}")
+        out, resume = tmp_path / f"workers{workers}", tmp_path / f"resume{workers}"
+        if workers == 1:
+            with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as stage:
+                stage.submit(train_tiny_row, workers, store, out, resume).result()
+        else:  # the fold processes never start TensorFlow in this process
+            train_tiny_row(workers, store, out, resume)
         outs[workers] = {p.relative_to(out).as_posix(): p.read_bytes()
                          for p in sorted(out.rglob("*")) if p.is_file()}
     assert len(outs[1]) == 10  # 2 folds x 5 files
     assert outs[1].keys() == outs[2].keys()
     differ = [name for name in outs[1] if outs[1][name] != outs[2][name]]
     assert not differ, differ
+
+
+def fold_job(kind: str, fold: int) -> None:
+    """A fold process's work in the test below: succeed, fail with a user error, or die."""
+    if kind == "error":
+        raise UserError(f"fold {fold} failed")
+    if kind == "killed":
+        os._exit(9)
+
+
+def test_fold_processes_raise_what_a_sequential_run_would_and_name_a_dead_process():
+    """The error of the first failed fold in fold order (whichever failed first), after
+    the folds before it are counted; a fold process that dies is a one-line UserError."""
+    from mdser.row_training import train_in_processes
+
+    done = []
+    jobs = [("ok", 0), ("error", 1), ("error", 2), ("ok", 3)]
+    with pytest.raises(UserError, match="^fold 1 failed$"):
+        train_in_processes(fold_job, jobs, 2, lambda: done.append(1))
+    assert done == [1]
+    with pytest.raises(UserError, match="a fold process ended abruptly"):
+        train_in_processes(fold_job, [("killed", 0), ("ok", 1)], 2, lambda: None)

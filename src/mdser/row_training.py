@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from mdser.console import progress_bar
+from mdser.errors import UserError
 from mdser.runtime import cpu_flags, device_name
 from mdser.splits import encode_labels, fold_members
 from mdser.training import RowTrainer, fit_with_smaller_batches_on_oom
@@ -76,27 +77,30 @@ def start_fold_process(stop: Any = None) -> None:
         training.STOP = stop
 
 
-def train_in_processes(jobs: list[tuple], workers: int, on_done: Any) -> None:
-    """`train_fold` for every job in `workers` spawned processes (the stage's process never
-    starts TensorFlow); the first error, or a signal here, stops the others at their next
-    batch, and the error is raised once they have."""
+def train_in_processes(work: Any, jobs: list[tuple], workers: int, on_done: Any) -> None:
+    """`work(*job)` for every job in `workers` spawned processes (the stage's process
+    never starts TensorFlow). Results are awaited in job order, so the error raised is the
+    one a sequential run would raise; an error or a signal here stops the other folds at
+    their next batch."""
     import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
     with ProcessPoolExecutor(workers, context, start_fold_process, (stop,)) as pool:
-        futures = {pool.submit(train_fold, *job) for job in jobs}
+        futures = [pool.submit(work, *job) for job in jobs]
         try:
-            while futures:
-                done, futures = wait(futures, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    future.result()
-                    on_done()
-        except BaseException:
+            for future in futures:
+                future.result()
+                on_done()
+        except BaseException as exc:
             stop.set()
             for future in futures:
                 future.cancel()
+            if isinstance(exc, BrokenProcessPool):
+                raise UserError("a fold process ended abruptly (killed, or out of memory); "
+                                "`dvc repro` resumes from the last completed epoch") from exc
             raise
 
 
@@ -193,7 +197,7 @@ def train_row(
                 train_fold(*job)
                 folds_done.update()
         else:
-            train_in_processes(jobs, workers, folds_done.update)
+            train_in_processes(train_fold, jobs, workers, folds_done.update)
     results = []
     for fold in selected:
         target = out / f"fold_{fold['fold']}"
