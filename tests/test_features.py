@@ -4,7 +4,18 @@ import librosa
 import numpy as np
 import pytest
 
-from mdser.features import delta, hz_to_mel, log_mel, mel_filterbank, mel_to_hz, n_frames, three_channel
+import pandas as pd
+
+from mdser.features import (
+    delta,
+    hz_to_mel,
+    log_mel,
+    mel_filterbank,
+    mel_to_hz,
+    n_frames,
+    speaker_standardized,
+    three_channel,
+)
 
 FEATURES = {"n_mels": 40, "n_fft": 512, "win_ms": 25, "hop_ms": 10, "delta_n": 9}
 SR = 16000
@@ -80,3 +91,40 @@ def test_three_channel_stacks_spectrum_delta_and_delta_delta():
     assert x.shape == (n_frames(y.size, 160), 40, 3) and x.dtype == np.float32
     np.testing.assert_allclose(x[..., 1], delta(x[..., 0], 9), atol=1e-5)
     np.testing.assert_allclose(x[..., 2], delta(x[..., 1], 9), atol=1e-5)
+
+
+def speaker_store(seed=0):
+    """Three speakers' utterances, interleaved in the store, each speaker with its own
+    offset and scale per (band, channel)."""
+    rng = np.random.default_rng(seed)
+    speakers, lengths = ["a", "b", "a", "c", "b", "a"], [7, 5, 9, 4, 6, 3]
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    frames = rng.normal(size=(sum(lengths), 4, 3)).astype(np.float32)
+    level = {s: (rng.normal(size=(4, 3)) * 5, rng.uniform(0.5, 3, (4, 3))) for s in "abc"}
+    for s, o, n in zip(speakers, offsets, lengths, strict=True):
+        frames[o : o + n] = frames[o : o + n] * level[s][1] + level[s][0]
+    return frames, pd.DataFrame({"speaker": speakers, "offset": offsets, "frames": lengths})
+
+
+def test_speaker_standardized_uses_each_speakers_own_statistics():
+    frames, rows = speaker_store()
+    got = speaker_standardized(frames, rows)
+    for speaker, group in rows.groupby("speaker"):
+        idx = np.concatenate([np.arange(o, o + n) for o, n in zip(group["offset"], group["frames"])])
+        x = frames[idx].astype(np.float64)
+        want = (x - x.mean(axis=0)) / x.std(axis=0)  # numpy, ddof = 0, per (band, channel)
+        np.testing.assert_allclose(got[idx], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got[idx].mean(axis=0), 0, atol=1e-5)
+        np.testing.assert_allclose(got[idx].std(axis=0), 1, atol=1e-5)
+
+
+def test_speaker_standardized_keeps_speakers_apart():
+    """Changing one speaker's audio (a test speaker's) changes no other speaker's input."""
+    frames, rows = speaker_store()
+    changed = frames.copy()
+    for o, n in zip(rows["offset"][rows.speaker == "c"], rows["frames"][rows.speaker == "c"]):
+        changed[o : o + n] = changed[o : o + n] * 10 + 3
+    before, after = speaker_standardized(frames, rows), speaker_standardized(changed, rows)
+    others = np.concatenate([np.arange(o, o + n) for o, n, s in
+                             zip(rows["offset"], rows["frames"], rows["speaker"]) if s != "c"])
+    np.testing.assert_array_equal(before[others], after[others])

@@ -9,6 +9,7 @@ from mdser.model import class_probabilities, per_sample_loss
 from mdser.model.layers import (
     BinAttention,
     Conv2D,
+    MaskedBatchNorm,
     MaskedGlobalMaxPooling,
     MaskFrames,
     MaxPool2x2,
@@ -179,6 +180,36 @@ def test_importing_mdser_turns_onednn_on_unless_the_user_chose():
         out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True,
                              text=True, check=True).stdout
         assert out.strip() == want
+
+
+def test_masked_batch_norm_training_uses_real_frames_only():
+    """Training-mode output and moving averages against numpy statistics over the real
+    frames only; the padded frames (value 100) must not move them."""
+    lengths = [12, 7, 3]
+    x = padded_map(lengths, n_freq=5, channels=4, seed=5)
+    real = np.concatenate([x[b, :, :n].reshape(-1, 4) for b, n in enumerate(lengths)])
+    mean, var = real.mean(axis=0), real.var(axis=0)
+    layer = MaskedBatchNorm(momentum=0.9, epsilon=1e-3)
+    y = np.asarray(layer(x, np.array(lengths, np.int32), training=True))
+    want = (x - mean) / np.sqrt(var + 1e-3)
+    for b, n in enumerate(lengths):
+        np.testing.assert_allclose(y[b, :, :n], want[b, :, :n], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(layer.moving_mean), 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(layer.moving_variance), 0.9 + 0.1 * var, rtol=1e-5)
+
+
+def test_masked_batch_norm_inference_is_a_fixed_affine_map():
+    layer = MaskedBatchNorm()
+    x = padded_map([6, 4], n_freq=3, channels=2, seed=6)
+    layer.build(x.shape)
+    layer.gamma.assign([2.0, 0.5])
+    layer.beta.assign([1.0, -1.0])
+    layer.moving_mean.assign([0.3, -0.2])
+    layer.moving_variance.assign([4.0, 0.25])
+    got = np.asarray(layer(x, np.array([6, 4], np.int32)))
+    scale = np.array([2.0, 0.5]) / np.sqrt(np.array([4.0, 0.25]) + 1e-3)
+    want = (x - np.array([0.3, -0.2])) * scale + np.array([1.0, -1.0])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_pool_lengths_floor():

@@ -119,7 +119,7 @@ def test_standardization_and_padding():
 # the tiny configuration's trainer sections with the full model of the paper (MDCB, SPP,
 # attention, ArcFace), three epochs on helpers.tiny_fold
 TINY_MODEL, TINY_TRAIN, HEAD_PARAMS = trainer_config(
-    model={"conv": "mdcb", "merge": "sum", "pooling": "spp", "spp_levels": [1, 2], "attention": True,
+    model={"conv": "mdcb", "merge": "sum", "norm": "none", "pooling": "spp", "spp_levels": [1, 2], "attention": True,
            "head": "arcface"},
     train={"max_epochs": 3, "batch_frames": 256, "lr_policy": "fixed", "lr_min": 1e-4, "lr_max": 5e-3,
            "range_test": {"lr_start": 1e-4, "lr_end": 1e-1, "epochs": 2, "points": 6},
@@ -161,12 +161,26 @@ def test_no_epoch_up_to_start_from_epoch_is_selected_or_counted_for_patience():
     from mdser.training import RowTrainer
 
     trainer = RowTrainer(TINY_MODEL, TINY_TRAIN, HEAD_PARAMS, 3, 8)
-    train = TINY_TRAIN | {"max_epochs": 4, "start_from_epoch": 3, "patience": 1}
+    train = TINY_TRAIN | {"max_epochs": 4, "start_from_epoch": 3, "patience": 1, "select_at": "epoch"}
     best, history, stats = fit(trainer, train, 0)
     assert len(history) == 4 and stats["best_epoch"] == 4  # the one epoch after the start
     assert same(best, trainer.model.get_weights())
     _, history, stats = fit(trainer, train | {"max_epochs": 8, "start_from_epoch": 2}, 0)
     assert stats["best_epoch"] >= 3 and len(history) >= 4  # patience counts from epoch 3
+
+
+@pytest.mark.slow
+def test_with_select_at_cycle_end_only_an_epoch_ending_at_lr_min_is_selected():
+    from mdser.training import RowTrainer
+
+    trainer = RowTrainer(TINY_MODEL, TINY_TRAIN, HEAD_PARAMS, 3, 8)
+    train = TINY_TRAIN | {"max_epochs": 9, "start_from_epoch": 2, "patience": 0, "select_at": "cycle_end"}
+    _, history, stats = fit(trainer, train, 0)
+    even = [h for h in history if h["epoch"] % 2 == 0 and h["epoch"] > 2]
+    assert stats["best_epoch"] in [h["epoch"] for h in even]
+    assert stats["val_ua"] == max(h["val_ua"] for h in even)  # the best of the candidates only
+    for h in history:  # an even epoch ends where the CLR is at lr_min (stepsize one epoch)
+        assert (h["lr"] == pytest.approx(train["lr_min"])) == (h["epoch"] % 2 == 0)
 
 
 MIRRORED = """

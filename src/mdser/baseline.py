@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from mdser.evaluation import prediction_frame
+from mdser.features import speaker_standardized
 from mdser.splits import encode_labels, fold_members
 from mdser.statistics import unweighted_accuracy
 
@@ -94,14 +95,18 @@ def baseline_predictions(
 
     Predictions have evaluate's columns (fold, utt_id, speaker, actual, predicted,
     p_<class> rounded to 6 decimals); the selection lists, per fold, the chosen C
-    and the validation UA of every C. Standardisation statistics come from the
-    fold's training speakers (`train.standardize: train`) or from every utterance
-    (`global`, the paper's corpus-level normalisation, as in `training.fit_fold`).
+    and the validation UA of every C. With `train.standardize: speaker` the frames are
+    first speaker-normalised (`features.speaker_standardized`), as the CNN's are. The
+    statistics are then standardised with the fold's training speakers (train, speaker)
+    or every utterance (`global`, the paper's corpus-level normalisation), as in
+    `training.fit_fold`.
     """
     from mdser.stores import open_fold_features
 
     train, base, classes = params["train"], params["baseline"], folds_doc["classes"]
     index, frames, _, selected = open_fold_features(feature_store, folds_doc, train["folds"])
+    if train["standardize"] == "speaker":
+        frames = speaker_standardized(frames, index)
     stats = utterance_statistics(frames, index)  # index order: one row per utterance
     position = pd.Series(np.arange(len(index)), index=index.index)
     parts, selection = [], []
@@ -109,7 +114,7 @@ def baseline_predictions(
         members = fold_members(index, fold)
         x = {r: stats[position[members[r].index].to_numpy()] for r in ("train", "val", "test")}
         y = {r: encode_labels(members[r], classes) for r in ("train", "val")}
-        scaler = standardizer(x["train"] if train["standardize"] == "train" else stats)
+        scaler = standardizer(stats if train["standardize"] == "global" else x["train"])
         model, c, val_ua = fit_fold(
             scaler.transform(x["train"]), y["train"], scaler.transform(x["val"]), y["val"],
             base["C"], base["max_iter"], len(classes),

@@ -23,7 +23,8 @@ row. The row's prediction is the ensemble of its fold models (models/<row>/fold_
 fold's model, applied with its own training standardisation, gives class probabilities,
 and the row's are their mean; the emotion is the most probable class. Audio goes through
 the pipeline's path: mono mix-down, resampling to audio.sample_rate, the 3-channel log-mel
-of params.yaml `features`. A file that cannot be used (missing, not audio, shorter than
+of params.yaml `features`; with train.standardize: speaker, the files of one call are
+normalised together as one speaker's recordings. A file that cannot be used (missing, not audio, shorter than
 data.min_duration) gets one line on stderr; the others are still classified, and the exit
 status is 1 if any file failed."""
 

@@ -3,7 +3,8 @@
 The exported model is the ensemble `mdser.predict` applies, in one graph:
 
     features (B, n_mels, T, 3) float32: the 3-channel log-mel of `features.three_channel`,
-        *not* standardised, zero-padded along time
+        *not* standardised (with `train.standardize: speaker`: speaker-normalised by
+        `features.speaker_standardized` over the speaker's recordings), zero-padded along time
     lengths  (B,) int32: the true frame count of each utterance (at least 2)
     -> for each fold k: standardise with fold k's training mean and std, re-zero the
        padded frames, fold k's model, class probabilities (softmax, or softmax(s cos)
@@ -134,7 +135,7 @@ def export_row(params: dict[str, Any], models: RowModels, out: Path) -> dict[str
         "row": models.row, "classes": models.classes, "folds": [f.fold for f in models.folds],
         "inputs": {"features": ["batch", n_mels, "frames", 3], "lengths": ["batch"]}, "output": OUTPUT,
         "sample_rate": params["audio"]["sample_rate"], "features": params["features"],
-        "model": models.model_params,
+        "model": models.model_params, "standardize": params["train"]["standardize"],
     }
     with atomic_dir(out) as tmp:
         model.export(str(tmp / "saved_model"), format="tf_saved_model", verbose=False)

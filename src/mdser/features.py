@@ -167,3 +167,23 @@ def standardization(frames: np.ndarray, rows: pd.DataFrame) -> tuple[np.ndarray,
     mean = total / n
     std = np.sqrt(np.maximum(sq / n - mean * mean, 1e-12))
     return mean.astype(np.float32), std.astype(np.float32)
+
+
+def speaker_standardized(frames: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
+    """Speaker normalisation (`train.standardize: speaker`): a float32 copy of `frames` in
+    which every speaker's frames are standardised per (band, channel) by that speaker's own
+    mean and standard deviation over all of its frames in `rows` (a feature-store index
+    with offset, frames and speaker; frames outside `rows` are copied unchanged).
+
+    Uses no labels, and one speaker's output depends on that speaker's audio only, so a
+    test speaker's statistics never reach the training speakers' input (nor the other way
+    round). It is not the paper's global standardisation: speaker-wise normalisation is
+    the usual practice of speaker-independent emotion recognition (README *Choices*)."""
+    out = np.array(frames, dtype=np.float32)
+    for _, group in rows.groupby("speaker", sort=True):
+        spans = [slice(int(o), int(o) + int(n)) for o, n in zip(group["offset"], group["frames"], strict=True)]
+        x = np.concatenate([frames[s] for s in spans]).astype(np.float64)
+        mean, std = x.mean(axis=0), np.sqrt(np.maximum(x.var(axis=0), 1e-12))
+        for s in spans:
+            out[s] = ((frames[s] - mean) / std).astype(np.float32)
+    return out

@@ -105,6 +105,14 @@ class RangeTest(Strict):
         return self
 
 
+def first_candidate_epoch(start_from_epoch: int, select_at: str) -> int:
+    """The first epoch a checkpoint may be selected from: after `start_from_epoch`, and with
+    `select_at: cycle_end` an even one (the CLR's stepsize is one epoch, so an even epoch
+    ends a cycle, at lr_min)."""
+    epoch = start_from_epoch + 1
+    return epoch + epoch % 2 if select_at == "cycle_end" else epoch
+
+
 class Train(Strict):
     folds: PositiveInt
     max_epochs: PositiveInt
@@ -116,7 +124,8 @@ class Train(Strict):
     class_weight_alpha: Literal["auto"] | PositiveFloat
     patience: Annotated[int, Field(ge=0)]
     start_from_epoch: Annotated[int, Field(ge=0)]
-    standardize: Literal["train", "global"]
+    select_at: Literal["cycle_end", "epoch"]
+    standardize: Literal["train", "global", "speaker"]
     seed: int
     mixed_precision: bool
     xla: bool
@@ -125,9 +134,14 @@ class Train(Strict):
     def _lr_range(self) -> Train:
         if self.lr_min > self.lr_max:
             raise ValueError(f"train.lr_min = {self.lr_min} must not exceed train.lr_max = {self.lr_max}")
-        if self.start_from_epoch >= self.max_epochs:
+        if self.select_at == "cycle_end" and self.patience == 1:
+            raise ValueError("train.patience = 1 with train.select_at = cycle_end would stop before "
+                             "the next cycle's end; use 0 (off) or at least 2")
+        first = first_candidate_epoch(self.start_from_epoch, self.select_at)
+        if first > self.max_epochs:
             raise ValueError(f"train.start_from_epoch = {self.start_from_epoch} leaves no epoch to "
-                             f"select within train.max_epochs = {self.max_epochs}")
+                             f"select within train.max_epochs = {self.max_epochs} "
+                             f"(train.select_at = {self.select_at}: the first candidate is epoch {first})")
         return self
 
 
@@ -141,6 +155,7 @@ class ModelRow(Strict):
     filters: PositiveInt | None = None
     conv: Conv | None = None
     merge: Literal["sum", "concat"] | None = None
+    norm: Literal["none", "batch"] | None = None
     pooling: Literal["gmp", "spp"] | None = None
     spp_levels: Annotated[list[PositiveInt], Field(min_length=1)] | None = None
     attention: bool | None = None
@@ -153,6 +168,7 @@ class Model(ModelRow):
     filters: PositiveInt
     conv: Conv
     merge: Literal["sum", "concat"]
+    norm: Literal["none", "batch"]
     pooling: Literal["gmp", "spp"]
     spp_levels: Annotated[list[PositiveInt], Field(min_length=1)]
     attention: bool

@@ -11,6 +11,9 @@ A file goes through the pipeline's own audio path: decoded and checked by
 `audio.read_audio` (shorter than `data.min_duration` is an error, as in the manifest),
 down-mixed to mono and resampled to `audio.sample_rate` as the `resample` stage does,
 then the 3-channel log-mel of `features.three_channel` with the `features` parameters.
+With `train.standardize: speaker` the files of one call are taken as one speaker's
+recordings and speaker-normalised together (`features.speaker_standardized`), as
+training normalised each speaker: give several recordings of the same voice.
 
 The default row is the best one of `metrics/ablation.json` (`best_row`): the highest
 mean test UA over both tables, the baseline excluded.
@@ -28,7 +31,7 @@ import pandas as pd
 
 from mdser.audio import AudioError, read_audio, resample, to_mono
 from mdser.errors import UserError
-from mdser.features import three_channel
+from mdser.features import speaker_standardized, three_channel
 from mdser.params import row_model
 from mdser.splits import read_folds
 
@@ -134,8 +137,12 @@ def classify(
     if not features:
         return [], errors
     lengths = np.array([len(x) for x in features])
-    rows = pd.DataFrame({"offset": np.concatenate([[0], np.cumsum(lengths)[:-1]]), "frames": lengths})
-    probs = fold_probabilities(params, models, np.concatenate(features), rows).mean(axis=0)
+    rows = pd.DataFrame({"offset": np.concatenate([[0], np.cumsum(lengths)[:-1]]), "frames": lengths,
+                         "speaker": "given"})
+    frames = np.concatenate(features)
+    if params["train"]["standardize"] == "speaker":  # the files are one speaker's recordings
+        frames = speaker_standardized(frames, rows)
+    probs = fold_probabilities(params, models, frames, rows).mean(axis=0)
     for result, p in zip(results, probs, strict=True):
         result["emotion"] = models.classes[int(p.argmax())]
         result["probabilities"] = {c: float(v) for c, v in zip(models.classes, p, strict=True)}

@@ -321,6 +321,15 @@ def run_range_test(
     return curve
 
 
+def is_candidate(epoch: int, select_at: str) -> bool:
+    """Whether a checkpoint may be selected after `epoch`: every epoch (`select_at: epoch`), or
+    only where a CLR cycle ends (`cycle_end`: the stepsize is one epoch, Eq. 19, so every even
+    epoch ends at lr_min). Smith (2017, the paper's CLR reference) stops "at the end of a
+    cycle, which is when the learning rate is at the minimum value and the accuracy peaks";
+    an epoch that ends at lr_max is a noisier model (README *Choices*)."""
+    return select_at == "epoch" or epoch % 2 == 0
+
+
 def fit_fold(
     trainer: RowTrainer, train: dict[str, Any], frames: np.ndarray,
     members: dict[str, pd.DataFrame], labels: dict[str, np.ndarray], n_classes: int,
@@ -333,14 +342,15 @@ def fit_fold(
     selection. With `train.lr_policy` range_test the CLR bounds come from the range
     test (`stats["range_test"]` holds its curve), else from train.lr_min/lr_max.
     The first `train.start_from_epoch` epochs are trained but never selected (as in
-    Keras' EarlyStopping); after them, training stops after `train.patience` epochs
-    without a better validation UA, or at `train.max_epochs`. With `checkpoint`, the
+    Keras' EarlyStopping), nor is an epoch that does not end a CLR cycle (`is_candidate`);
+    training stops after `train.patience` epochs without a better validation UA, or at
+    `train.max_epochs`. With `checkpoint`, the
     state after each epoch is kept there and a later call continues from it, with the
     same result as an uninterrupted fold.
     """
     seed = train["seed"] * 1000 + fold
     rng = np.random.default_rng(seed)
-    stats_rows = members["train"] if train["standardize"] == "train" else members["all"]
+    stats_rows = members["all"] if train["standardize"] == "global" else members["train"]
     mean, std = standardization(frames, stats_rows)
     weights = class_weights(labels["train"], n_classes, train["class_weight_alpha"]).astype(np.float32)
     steps = len(length_batches(members["train"]["frames"].to_numpy(), train["batch_frames"]))
@@ -395,10 +405,10 @@ def fit_fold(
         progress["epoch"] = epoch
         if epoch <= train["start_from_epoch"]:
             pass  # still warming up: neither a candidate nor counted for patience
-        elif val_ua > progress["best_ua"]:
+        elif is_candidate(epoch, train["select_at"]) and val_ua > progress["best_ua"]:
             progress |= {"best_ua": val_ua, "best_epoch": epoch, "waited": 0}
             best_weights = trainer.model.get_weights()
-        else:
+        elif progress["best_epoch"]:  # patience counts from the first candidate on
             progress["waited"] += 1
         if checkpoint is not None:
             save_epoch(checkpoint, progress | {"rng": rng.bit_generator.state}, trainer.state(),

@@ -38,6 +38,7 @@ from mdser.model.layers import (
     LEAKY_SLOPE,
     BinAttention,
     Conv2D,
+    MaskedBatchNorm,
     MaskedGlobalMaxPooling,
     MaskFrames,
     MaxPool2x2,
@@ -86,27 +87,31 @@ def stack_receptive_field(conv: str) -> int:
 
 
 def conv_unit(x, lengths, filters: int, kernel: tuple[int, int], dilation: tuple[int, int],
-              name: str, mask: bool = True):
-    """Conv2D ('same') + bias -> LeakyReLU, then re-zero the padded frames when the next
-    layer mixes frames (a 1x3 or 5x3 convolution); a 5x1 convolution, a 2x2 pooling of
-    real frames and SPP/GMP never read a padded frame into a real one."""
-    x = Conv2D(filters, kernel, padding="same", dilation_rate=dilation,
-                      kernel_initializer="he_uniform", name=name)(x)
+              name: str, norm: str, mask: bool = True):
+    """Conv2D ('same') + bias -> LeakyReLU, or with ``norm`` = batch Conv2D -> masked batch
+    normalisation -> LeakyReLU; then re-zero the padded frames when the next layer mixes
+    frames (a 1x3 or 5x3 convolution); a 5x1 convolution, a 2x2 pooling of real frames and
+    SPP/GMP never read a padded frame into a real one."""
+    x = Conv2D(filters, kernel, padding="same", dilation_rate=dilation, use_bias=norm == "none",
+               kernel_initializer="he_uniform", name=name)(x)
+    if norm == "batch":
+        x = MaskedBatchNorm(name=f"{name}_bn")(x, lengths)
     x = layers.LeakyReLU(LEAKY_SLOPE, name=f"{name}_act")(x)
     return MaskFrames(name=f"{name}_mask")(x, lengths) if mask else x
 
 
-def ff_branch(x, lengths, filters: int, dilation: int, name: str):
+def ff_branch(x, lengths, filters: int, dilation: int, name: str, norm: str):
     """Filter factorisation of a 5x3 conv (Fig. 4): 5x1 (dilation (d, 1)) -> 1x3 (1, d).
     Only the 1x3 convolution's input needs zeroed padding."""
-    x = conv_unit(x, lengths, filters, (FREQ_KERNEL, 1), (dilation, 1), f"{name}_5x1")
-    return conv_unit(x, lengths, filters, (1, TIME_KERNEL), (1, dilation), f"{name}_1x3", mask=False)
+    x = conv_unit(x, lengths, filters, (FREQ_KERNEL, 1), (dilation, 1), f"{name}_5x1", norm)
+    return conv_unit(x, lengths, filters, (1, TIME_KERNEL), (1, dilation), f"{name}_1x3", norm,
+                     mask=False)
 
 
-def mdcb(x, lengths, filters: int, dilations: tuple[int, ...], merge: str, name: str):
+def mdcb(x, lengths, filters: int, dilations: tuple[int, ...], merge: str, name: str, norm: str):
     """The multi-dilated convolution block (Fig. 4): one FF branch per dilation rate, merged
     by element-wise sum (``merge`` = sum) or channel concatenation (concat)."""
-    branches = [ff_branch(x, lengths, filters, d, f"{name}_d{d}") for d in dilations]
+    branches = [ff_branch(x, lengths, filters, d, f"{name}_d{d}", norm) for d in dilations]
     if len(branches) == 1:
         return branches[0]
     if merge == "sum":
@@ -114,14 +119,14 @@ def mdcb(x, lengths, filters: int, dilations: tuple[int, ...], merge: str, name:
     return layers.Concatenate(axis=-1, name=f"{name}_concat")(branches)
 
 
-def initial_layer(features, lengths, conv: str, filters: int):
+def initial_layer(features, lengths, conv: str, filters: int, norm: str):
     """Layer 1: plain 5x3 conv (conv=plain) or FF 5x1 -> 1x3 (others), dilation 1, then a 2x2
     'valid' max pooling (40 -> 20 bands, L -> floor(L / 2) frames). Returns (x, lengths)."""
     if conv == "plain":
         x = conv_unit(features, lengths, filters, (FREQ_KERNEL, TIME_KERNEL), (1, 1),
-                      "layer1_5x3", mask=False)
+                      "layer1_5x3", norm, mask=False)
     else:
-        x = ff_branch(features, lengths, filters, 1, "layer1")
+        x = ff_branch(features, lengths, filters, 1, "layer1", norm)
     x = MaxPool2x2(name="layer1_pool")(x)
     lengths = PoolLengths(2, name="layer1_pool_lengths")(lengths)
     if conv == "plain":  # the next 5x3 convolution mixes frames
@@ -129,7 +134,7 @@ def initial_layer(features, lengths, conv: str, filters: int):
     return x, lengths
 
 
-def conv_stack(x, lengths, conv: str, filters: int, merge: str = "sum"):
+def conv_stack(x, lengths, conv: str, filters: int, merge: str, norm: str):
     """Layers 2-8 (paper Table 1 'CNN section'), all at the pooled resolution.
 
     plain: 5x3 conv; ff: FF 5x1 -> 1x3; dilated: FF with dilation 2; mdcb: 7 multi-dilated
@@ -140,9 +145,9 @@ def conv_stack(x, lengths, conv: str, filters: int, merge: str = "sum"):
         if conv == "plain":
             last = k == N_STACK + 1  # SPP/GMP read real frames only
             x = conv_unit(x, lengths, filters, (FREQ_KERNEL, TIME_KERNEL), (1, 1),
-                          f"layer{k}_5x3", mask=not last)
+                          f"layer{k}_5x3", norm, mask=not last)
         else:
-            x = mdcb(x, lengths, filters, dilations, merge, f"layer{k}")
+            x = mdcb(x, lengths, filters, dilations, merge, f"layer{k}", norm)
     return x
 
 
@@ -162,8 +167,8 @@ def build_model(model: Mapping, n_classes: int, n_mels: int = 40) -> keras.Model
     features = keras.Input((n_mels, None, 3), name="features", dtype="float32")
     lengths = keras.Input((), name="lengths", dtype="int32")
 
-    x, frames = initial_layer(features, lengths, model["conv"], filters)
-    x = conv_stack(x, frames, model["conv"], filters, model["merge"])
+    x, frames = initial_layer(features, lengths, model["conv"], filters, model["norm"])
+    x = conv_stack(x, frames, model["conv"], filters, model["merge"], model["norm"])
 
     if model["pooling"] == "gmp":
         bins = MaskedGlobalMaxPooling(name="gmp")(x, frames)  # (B, 1, C)

@@ -134,6 +134,56 @@ class PoolLengths(keras.layers.Layer):
         return {**super().get_config(), "pool": self.pool}
 
 
+@keras.saving.register_keras_serializable(package="mdser")
+class MaskedBatchNorm(keras.layers.Layer):
+    """Batch normalisation of a (B, F, T, C) map over its real frames only (Ioffe & Szegedy
+    2015; the paper names no normalisation, README *Choices*).
+
+    Training: per channel, the mean and variance over the batch, the frequencies and each
+    utterance's first ``lengths[b]`` frames, so padding never moves the statistics and an
+    utterance's batch-mates are the only thing that does; y = gamma (x - mean) /
+    sqrt(var + eps) + beta, and the moving averages follow (Keras' momentum 0.99).
+    Inference: the moving averages, a fixed per-channel affine map, so a padded
+    utterance gives exactly its output alone. Padded positions come out as some affine
+    value; the builder re-zeroes them where the next layer would read them.
+    """
+
+    def __init__(self, momentum: float = 0.99, epsilon: float = 1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.momentum, self.epsilon = float(momentum), float(epsilon)
+
+    def build(self, x_shape, lengths_shape=None):
+        channels = (x_shape[-1],)
+        self.gamma = self.add_weight(shape=channels, initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=channels, initializer="zeros", name="beta")
+        self.moving_mean = self.add_weight(shape=channels, initializer="zeros",
+                                           name="moving_mean", trainable=False)
+        self.moving_variance = self.add_weight(shape=channels, initializer="ones",
+                                               name="moving_variance", trainable=False)
+
+    def call(self, x, lengths, training=False):
+        if training:
+            x32 = ops.cast(x, "float32")
+            real = ops.cast(frame_mask(lengths, ops.shape(x)[2]), "float32")[:, None, :, None]
+            count = ops.maximum(ops.sum(real) * ops.cast(ops.shape(x)[1], "float32"), 1.0)
+            mean = ops.sum(x32 * real, axis=(0, 1, 2)) / count
+            variance = ops.sum(ops.square((x32 - mean) * real), axis=(0, 1, 2)) / count
+            m = self.momentum
+            self.moving_mean.assign(m * self.moving_mean + (1 - m) * mean)
+            self.moving_variance.assign(m * self.moving_variance + (1 - m) * variance)
+        else:
+            mean, variance = self.moving_mean, self.moving_variance
+        scale = self.gamma * ops.rsqrt(variance + self.epsilon)
+        shift = self.beta - mean * scale
+        return x * ops.cast(scale, x.dtype) + ops.cast(shift, x.dtype)
+
+    def compute_output_shape(self, x_shape, lengths_shape=None):
+        return x_shape
+
+    def get_config(self):
+        return {**super().get_config(), "momentum": self.momentum, "epsilon": self.epsilon}
+
+
 # ----------------------------------------------------------------------------- pooling
 
 
