@@ -2,9 +2,8 @@
 
 import librosa
 import numpy as np
-import pytest
-
 import pandas as pd
+import pytest
 
 from mdser.features import (
     delta,
@@ -109,8 +108,9 @@ def speaker_store(seed=0):
 def test_speaker_standardized_uses_each_speakers_own_statistics():
     frames, rows = speaker_store()
     got = speaker_standardized(frames, rows)
-    for speaker, group in rows.groupby("speaker"):
-        idx = np.concatenate([np.arange(o, o + n) for o, n in zip(group["offset"], group["frames"])])
+    for _, group in rows.groupby("speaker"):
+        idx = np.concatenate([np.arange(o, o + n)
+                              for o, n in zip(group["offset"], group["frames"], strict=True)])
         x = frames[idx].astype(np.float64)
         want = (x - x.mean(axis=0)) / x.std(axis=0)  # numpy, ddof = 0, per (band, channel)
         np.testing.assert_allclose(got[idx], want, rtol=1e-5, atol=1e-5)
@@ -122,9 +122,21 @@ def test_speaker_standardized_keeps_speakers_apart():
     """Changing one speaker's audio (a test speaker's) changes no other speaker's input."""
     frames, rows = speaker_store()
     changed = frames.copy()
-    for o, n in zip(rows["offset"][rows.speaker == "c"], rows["frames"][rows.speaker == "c"]):
+    for o, n in zip(rows["offset"][rows.speaker == "c"], rows["frames"][rows.speaker == "c"], strict=True):
         changed[o : o + n] = changed[o : o + n] * 10 + 3
     before, after = speaker_standardized(frames, rows), speaker_standardized(changed, rows)
     others = np.concatenate([np.arange(o, o + n) for o, n, s in
-                             zip(rows["offset"], rows["frames"], rows["speaker"]) if s != "c"])
+                             zip(rows["offset"], rows["frames"], rows["speaker"], strict=True) if s != "c"])
     np.testing.assert_array_equal(before[others], after[others])
+
+
+def test_speaker_standardized_centres_a_band_that_does_not_move():
+    """An empty band of band-limited audio (constant log(1e-10)) and one that barely moves
+    are centred, not divided by a vanishing std."""
+    frames, rows = speaker_store()
+    frames[:, 0, 0] = np.log(1e-10)
+    frames[:, 1, 0] = 5.0 + 1e-6 * np.random.default_rng(1).standard_normal(len(frames))
+    got = speaker_standardized(frames, rows)
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got[:, 0, 0], 0.0)
+    assert np.abs(got[:, 1, 0]).max() < 0.01

@@ -69,6 +69,20 @@ def test_padded_batch_equals_alone_with_concat_merge():
     assert_padding_changes_nothing(model)
 
 
+@pytest.mark.parametrize("conv", ["plain", "mdcb"])
+def test_padded_batch_equals_alone_with_batch_normalisation(conv):
+    """model.norm: batch, after training-mode passes have moved the moving statistics."""
+    keras.utils.set_random_seed(0)
+    cfg = {**SMALL, "conv": conv, "norm": "batch", "pooling": "spp", "attention": True}
+    model = build_model(cfg, n_classes=4)
+    x, lengths = mixed_batch()
+    for _ in range(3):
+        model({"features": x * 3 + 1, "lengths": lengths}, training=True)
+    moving = model.get_layer("layer1_5x3_bn" if conv == "plain" else "layer1_5x1_bn").moving_mean
+    assert np.abs(np.asarray(moving)).max() > 0  # the statistics did move
+    assert_padding_changes_nothing(model)
+
+
 def test_attention_weights_sum_to_one_per_utterance():
     keras.utils.set_random_seed(0)
     model = build_model({**SMALL, "conv": "mdcb", "pooling": "spp", "attention": True}, 4)
@@ -101,7 +115,7 @@ def test_built_stack_time_receptive_field_equals_eq7(conv):
     so the frames that respond are exactly the frames within reach of the impulse."""
     inputs = keras.Input((20, None, 2))
     lengths = keras.Input((), dtype="int32")
-    stack = keras.Model([inputs, lengths], conv_stack(inputs, lengths, conv, filters=2))
+    stack = keras.Model([inputs, lengths], conv_stack(inputs, lengths, conv, 2, "sum", "none"))
     for layer in stack.layers:
         if isinstance(layer, keras.layers.Conv2D):
             kernel, bias = layer.get_weights()

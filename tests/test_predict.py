@@ -18,6 +18,7 @@ import yaml
 
 from mdser import cli
 from mdser.errors import UserError
+from mdser.features import speaker_standardized
 from mdser.params import load_params, row_model
 from mdser.predict import best_row, classify, file_features, fold_probabilities, load_row
 
@@ -27,7 +28,8 @@ ROW = "cnn-gmp-softmax"
 def tiny_params() -> dict:
     """The tiny configuration (4 speakers, 1 epoch, 20 bands), validated by the schema."""
     return helpers.tiny_params({"data": {"synth": {"speakers": 4}}, "features": {"n_mels": 20},
-                                "train": {"max_epochs": 1, "patience": 0, "lr_policy": "fixed"},
+                                "train": {"max_epochs": 1, "select_at": "epoch", "patience": 0,
+                                          "lr_policy": "fixed"},
                                 "runtime": {"workers": 1}}, validate=True)
 
 
@@ -105,31 +107,39 @@ def test_predict_classifies_a_stereo_44k_and_a_mono_16k_file_and_names_each_bad_
 
 
 def test_each_fold_gives_what_evaluate_gives_and_the_row_their_mean(repo, tmp_path, monkeypatch):
-    """A store utterance written as a 16 kHz float wav: every fold model's probabilities
-    equal evaluate's test predictions for it (where that fold tests its speaker)."""
+    """A test speaker's store utterances written as 16 kHz float wavs and classified in one
+    call (one speaker's recordings, normalised together as `train.standardize: speaker`
+    normalised that speaker): every fold model's probabilities equal evaluate's test
+    predictions for them (where that fold tests their speaker)."""
     from mdser.evaluation import test_predictions
     from mdser.splits import read_folds
 
     monkeypatch.chdir(repo)
     params = load_params("params.yaml")
+    assert params["train"]["standardize"] == "speaker"
     folds_doc = read_folds(Path("data/splits.json"))
     evaluated = test_predictions(params, Path("data/features"), folds_doc, Path("models") / ROW)
     models = load_row(params, ROW, Path("models") / ROW, Path("data/splits.json"))
+    index = pd.read_csv("data/audio/index.csv")
     for fold in (0, 1):
-        test_row = evaluated[evaluated["fold"] == fold].iloc[0]
-        index = pd.read_csv("data/audio/index.csv")
-        y, r = store_utterance(repo, int(np.flatnonzero(index["utt_id"] == test_row["utt_id"])[0]))
-        path = tmp_path / f"{r.utt_id}.wav"
-        sf.write(path, y, 16000, subtype="FLOAT")
-        x = file_features(path, params)
-        rows = pd.DataFrame({"offset": [0], "frames": [len(x)]})
-        per_fold = fold_probabilities(params, models, x, rows)[:, 0]
-        want = test_row[[f"p_{c}" for c in models.classes]].to_numpy(float)
+        tested = evaluated[evaluated["fold"] == fold]
+        paths = []
+        for utt_id in tested["utt_id"]:
+            y, _ = store_utterance(repo, int(np.flatnonzero(index["utt_id"] == utt_id)[0]))
+            paths.append(tmp_path / f"{utt_id}.wav")
+            sf.write(paths[-1], y, 16000, subtype="FLOAT")
+        features = [file_features(path, params) for path in paths]
+        lengths = np.array([len(x) for x in features])
+        rows = pd.DataFrame({"offset": np.concatenate([[0], np.cumsum(lengths)[:-1]]), "frames": lengths,
+                             "speaker": "s"})
+        frames = speaker_standardized(np.concatenate(features), rows)
+        per_fold = fold_probabilities(params, models, frames, rows)
+        want = tested[[f"p_{c}" for c in models.classes]].to_numpy(float)
         np.testing.assert_allclose(per_fold[fold], want, atol=2e-6)
-        results, errors = classify([path], params, models)
+        results, errors = classify(paths, params, models)
         assert not errors
-        np.testing.assert_allclose(list(results[0]["probabilities"].values()), per_fold.mean(axis=0),
-                                   atol=1e-6)
+        np.testing.assert_allclose([list(r["probabilities"].values()) for r in results],
+                                   per_fold.mean(axis=0), atol=1e-6)
 
 
 def test_best_row_is_the_highest_mean_ua_of_both_tables_without_the_baseline(tmp_path):

@@ -36,9 +36,10 @@ CLASSES = ["ang", "neu", "sad"]
 # the tiny configuration's trainer sections, narrower still: a 2-filter plain CNN with GMP and a
 # softmax head, one epoch with CLR bounds ten times apart
 MODEL, TRAIN, HEAD_PARAMS = trainer_config(
-    model={"filters": 2, "conv": "plain", "merge": "sum", "norm": "none", "pooling": "gmp", "spp_levels": [1, 2],
+    model={"filters": 2, "conv": "plain", "merge": "sum", "norm": "none",
+           "pooling": "gmp", "spp_levels": [1, 2],
            "attention": False, "attention_units": 4, "fc_units": 4, "head": "softmax"},
-    train={"folds": 1, "max_epochs": 1, "batch_frames": 256, "lr_policy": "fixed",
+    train={"folds": 1, "max_epochs": 1, "select_at": "epoch", "batch_frames": 256, "lr_policy": "fixed",
            "lr_min": 1e-3, "lr_max": 1e-2,
            "range_test": {"lr_start": 1e-5, "lr_end": 0.1, "epochs": 1, "points": 4},
            "patience": 0})

@@ -119,7 +119,8 @@ def test_standardization_and_padding():
 # the tiny configuration's trainer sections with the full model of the paper (MDCB, SPP,
 # attention, ArcFace), three epochs on helpers.tiny_fold
 TINY_MODEL, TINY_TRAIN, HEAD_PARAMS = trainer_config(
-    model={"conv": "mdcb", "merge": "sum", "norm": "none", "pooling": "spp", "spp_levels": [1, 2], "attention": True,
+    model={"conv": "mdcb", "merge": "sum", "norm": "none", "pooling": "spp", "spp_levels": [1, 2],
+           "attention": True,
            "head": "arcface"},
     train={"max_epochs": 3, "batch_frames": 256, "lr_policy": "fixed", "lr_min": 1e-4, "lr_max": 5e-3,
            "range_test": {"lr_start": 1e-4, "lr_end": 1e-1, "epochs": 2, "points": 6},

@@ -169,6 +169,11 @@ def standardization(frames: np.ndarray, rows: pd.DataFrame) -> tuple[np.ndarray,
     return mean.astype(np.float32), std.astype(np.float32)
 
 
+# A (band, channel) whose values barely move over a speaker's frames (an empty band of
+# band-limited audio sits at log(1e-10)) is centred, not blown up by a tiny std.
+SPEAKER_STD_FLOOR = 1e-3
+
+
 def speaker_standardized(frames: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
     """Speaker normalisation (`train.standardize: speaker`): a float32 copy of `frames` in
     which every speaker's frames are standardised per (band, channel) by that speaker's own
@@ -181,9 +186,10 @@ def speaker_standardized(frames: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
     the usual practice of speaker-independent emotion recognition (README *Choices*)."""
     out = np.array(frames, dtype=np.float32)
     for _, group in rows.groupby("speaker", sort=True):
-        spans = [slice(int(o), int(o) + int(n)) for o, n in zip(group["offset"], group["frames"], strict=True)]
+        spans = [slice(int(o), int(o) + int(n))
+                 for o, n in zip(group["offset"], group["frames"], strict=True)]
         x = np.concatenate([frames[s] for s in spans]).astype(np.float64)
-        mean, std = x.mean(axis=0), np.sqrt(np.maximum(x.var(axis=0), 1e-12))
+        mean, std = x.mean(axis=0), np.maximum(x.std(axis=0), SPEAKER_STD_FLOOR)
         for s in spans:
             out[s] = ((frames[s] - mean) / std).astype(np.float32)
     return out

@@ -154,12 +154,13 @@ class MaskedBatchNorm(keras.layers.Layer):
 
     def build(self, x_shape, lengths_shape=None):
         channels = (x_shape[-1],)
-        self.gamma = self.add_weight(shape=channels, initializer="ones", name="gamma")
-        self.beta = self.add_weight(shape=channels, initializer="zeros", name="beta")
-        self.moving_mean = self.add_weight(shape=channels, initializer="zeros",
-                                           name="moving_mean", trainable=False)
-        self.moving_variance = self.add_weight(shape=channels, initializer="ones",
-                                               name="moving_variance", trainable=False)
+        def weight(name: str, initializer: str, trainable: bool = True):  # float32, as Keras' BN
+            return self.add_weight(shape=channels, initializer=initializer, name=name,
+                                   trainable=trainable, autocast=False)
+
+        self.gamma, self.beta = weight("gamma", "ones"), weight("beta", "zeros")
+        self.moving_mean = weight("moving_mean", "zeros", trainable=False)
+        self.moving_variance = weight("moving_variance", "ones", trainable=False)
 
     def call(self, x, lengths, training=False):
         if training:
