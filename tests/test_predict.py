@@ -94,7 +94,8 @@ def test_predict_classifies_a_stereo_44k_and_a_mono_16k_file_and_names_each_bad_
     for path, reason in ((text, "unreadable"), (missing, "unreadable"), (short, "too_short")):
         assert sum(str(path) in line and reason in line for line in errors) == 1, errors
     lines = out.strip().splitlines()
-    assert lines[0].startswith(f"row {ROW}, ensemble of folds [0, 1]")
+    assert lines[0] == (f"row {ROW}, ensemble of folds [0, 1]; the 2 file(s) normalised together as "
+                        "one speaker")
     assert [line.split()[0] for line in lines[2:]] == [str(stereo), str(mono)]
 
     cli.main(["predict", "--row", ROW, "--json", str(stereo), str(mono)])

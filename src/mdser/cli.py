@@ -24,9 +24,9 @@ fold's model, applied with its own training standardisation, gives class probabi
 and the row's are their mean; the emotion is the most probable class. Audio goes through
 the pipeline's path: mono mix-down, resampling to audio.sample_rate, the 3-channel log-mel
 of params.yaml `features`; with train.standardize: speaker, the files of one call are
-normalised together as one speaker's recordings. A file that cannot be used (missing, not audio, shorter than
-data.min_duration) gets one line on stderr; the others are still classified, and the exit
-status is 1 if any file failed."""
+normalised together as one speaker's recordings. A file that cannot be used (missing, not
+audio, shorter than data.min_duration) gets one line on stderr; the others are still
+classified, and the exit status is 1 if any file failed."""
 
 EXPORT_HELP = """\
 Export a row's fold ensemble (the model `mdser predict` applies, standardisation included)
@@ -71,7 +71,9 @@ def run_predict(args: argparse.Namespace, params: dict) -> int:
     if args.json:
         print(json.dumps([r | {"row": row} for r in results], indent=2))
     elif results:
-        print(f"row {row}, ensemble of folds {[f.fold for f in models.folds]}")
+        speaker = (f"; the {len(results)} file(s) normalised together as one speaker"
+                   if params["train"]["standardize"] == "speaker" else "")
+        print(f"row {row}, ensemble of folds {[f.fold for f in models.folds]}{speaker}")
         print(prediction.format_table(results, models.classes))
     return 1 if errors else 0
 
