@@ -154,7 +154,6 @@ class MaskedBatchNorm(keras.layers.Layer):
 
     def build(self, x_shape, lengths_shape=None):
         channels = (x_shape[-1],)
-
         def weight(name: str, initializer: str, trainable: bool = True):  # float32, as Keras' BN
             return self.add_weight(shape=channels, initializer=initializer, name=name,
                                    trainable=trainable, autocast=False)
