@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from mdser.evaluation import prediction_frame
-from mdser.features import speaker_standardized
+from mdser.features import input_frames
 from mdser.splits import encode_labels, fold_members
 from mdser.statistics import unweighted_accuracy
 
@@ -105,8 +105,7 @@ def baseline_predictions(
 
     train, base, classes = params["train"], params["baseline"], folds_doc["classes"]
     index, frames, _, selected = open_fold_features(feature_store, folds_doc, train["folds"])
-    if train["standardize"] == "speaker":
-        frames = speaker_standardized(frames, index)
+    frames = input_frames(frames, index, train["standardize"])
     stats = utterance_statistics(frames, index)  # index order: one row per utterance
     position = pd.Series(np.arange(len(index)), index=index.index)
     parts, selection = [], []

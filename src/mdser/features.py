@@ -174,6 +174,13 @@ def standardization(frames: np.ndarray, rows: pd.DataFrame) -> tuple[np.ndarray,
 SPEAKER_STD_FLOOR = 1e-3
 
 
+def input_frames(frames: np.ndarray, rows: pd.DataFrame, standardize: str) -> np.ndarray:
+    """The frames the CNN rows, the baseline and `mdser predict` read: speaker-normalised
+    (`speaker_standardized`) with `train.standardize: speaker`, else `frames` as stored
+    (the per-channel statistics of `standardization` are applied later, per fold)."""
+    return speaker_standardized(frames, rows) if standardize == "speaker" else frames
+
+
 def speaker_standardized(frames: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
     """Speaker normalisation (`train.standardize: speaker`): a float32 copy of `frames` in
     which every speaker's frames are standardised per (band, channel) by that speaker's own

@@ -105,12 +105,13 @@ class RangeTest(Strict):
         return self
 
 
-def first_candidate_epoch(start_from_epoch: int, select_at: str) -> int:
-    """The first epoch a checkpoint may be selected from: after `start_from_epoch`, and with
-    `select_at: cycle_end` an even one (the CLR's stepsize is one epoch, so an even epoch
-    ends a cycle, at lr_min)."""
-    epoch = start_from_epoch + 1
-    return epoch + epoch % 2 if select_at == "cycle_end" else epoch
+def is_candidate(epoch: int, select_at: str) -> bool:
+    """Whether a checkpoint may be selected after `epoch`: every epoch (`select_at: epoch`), or
+    only where a CLR cycle ends (`cycle_end`: the stepsize is one epoch, Eq. 19, so every even
+    epoch ends at lr_min). Smith (2017, the paper's CLR reference) stops "at the end of a
+    cycle, which is when the learning rate is at the minimum value and the accuracy peaks";
+    an epoch that ends at lr_max is a noisier model (README *Choices*)."""
+    return select_at == "epoch" or epoch % 2 == 0
 
 
 class Train(Strict):
@@ -137,7 +138,8 @@ class Train(Strict):
         if self.select_at == "cycle_end" and self.patience == 1:
             raise ValueError("train.patience = 1 with train.select_at = cycle_end would stop before "
                              "the next cycle's end; use 0 (off) or at least 2")
-        first = first_candidate_epoch(self.start_from_epoch, self.select_at)
+        first = next(e for e in range(self.start_from_epoch + 1, self.start_from_epoch + 3)
+                     if is_candidate(e, self.select_at))
         if first > self.max_epochs:
             raise ValueError(f"train.start_from_epoch = {self.start_from_epoch} leaves no epoch to "
                              f"select within train.max_epochs = {self.max_epochs} "

@@ -31,7 +31,7 @@ import pandas as pd
 
 from mdser.audio import AudioError, read_audio, resample, to_mono
 from mdser.errors import UserError
-from mdser.features import speaker_standardized, three_channel
+from mdser.features import input_frames, three_channel
 from mdser.params import row_model
 from mdser.splits import read_folds
 
@@ -138,10 +138,8 @@ def classify(
         return [], errors
     lengths = np.array([len(x) for x in features])
     rows = pd.DataFrame({"offset": np.concatenate([[0], np.cumsum(lengths)[:-1]]), "frames": lengths,
-                         "speaker": "given"})
-    frames = np.concatenate(features)
-    if params["train"]["standardize"] == "speaker":  # the files are one speaker's recordings
-        frames = speaker_standardized(frames, rows)
+                         "speaker": "given"})  # the files of one call: one speaker's recordings
+    frames = input_frames(np.concatenate(features), rows, params["train"]["standardize"])
     probs = fold_probabilities(params, models, frames, rows).mean(axis=0)
     for result, p in zip(results, probs, strict=True):
         result["emotion"] = models.classes[int(p.argmax())]

@@ -25,7 +25,7 @@ import pandas as pd
 
 from mdser.console import progress_bar
 from mdser.errors import UserError
-from mdser.features import speaker_standardized
+from mdser.features import input_frames
 from mdser.runtime import cpu_flags, device_name
 from mdser.splits import encode_labels, fold_members
 from mdser.training import RowTrainer, fit_with_smaller_batches_on_oom
@@ -123,8 +123,7 @@ def train_fold(
     train, classes = params["train"], folds_doc["classes"]
     if not PROCESS_CACHE:  # this process's first fold of the row
         index, frames = open_fold_features(feature_store, folds_doc, train["folds"])[:2]
-        if train["standardize"] == "speaker":  # each speaker by its own statistics, once per process
-            frames = speaker_standardized(frames, index)
+        frames = input_frames(frames, index, train["standardize"])  # once per process
         trainer = RowTrainer(model_params, train, params[model_params["head"]], len(classes),
                              frames.shape[1])
         PROCESS_CACHE.update(index=index, frames=frames, trainer=trainer)

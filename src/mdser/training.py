@@ -22,6 +22,7 @@ from mdser.batching import TIME_QUANTUM, Predictor, batches, length_batches
 from mdser.console import progress_bar
 from mdser.errors import UserError
 from mdser.features import standardization
+from mdser.params import is_candidate
 from mdser.runtime import configure
 from mdser.statistics import unweighted_accuracy
 
@@ -319,15 +320,6 @@ def run_range_test(
             curve.append(point)
             losses = []
     return curve
-
-
-def is_candidate(epoch: int, select_at: str) -> bool:
-    """Whether a checkpoint may be selected after `epoch`: every epoch (`select_at: epoch`), or
-    only where a CLR cycle ends (`cycle_end`: the stepsize is one epoch, Eq. 19, so every even
-    epoch ends at lr_min). Smith (2017, the paper's CLR reference) stops "at the end of a
-    cycle, which is when the learning rate is at the minimum value and the accuracy peaks";
-    an epoch that ends at lr_max is a noisier model (README *Choices*)."""
-    return select_at == "epoch" or epoch % 2 == 0
 
 
 def fit_fold(
