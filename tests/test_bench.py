@@ -13,6 +13,7 @@ from mdser.bench.data import synthetic_lengths
 from mdser.bench.flops import model_flops
 from mdser.bench.folds import fold_throughput, tensorflow_onednn_default
 from mdser.bench.gpu import project_ablation
+from mdser.bench.kernels import conv_flop, conv_kernels, kernel_profile
 from mdser.bench.machine import PeakMemory, machine_info, matmul_peak
 from mdser.bench.pipeline import STAGE_LINE
 from mdser.bench.report import TARGETS, batching_bounds, verdicts, write_report
@@ -85,6 +86,8 @@ def test_fold_epochs_run_each_way_in_a_fresh_process(folds):
         assert run["utterances"] == 16 and run["folds"] == 2 and run["epochs"] == 2
         assert run["utt_per_s"] > 0 and run["wall_s"] > 0
         assert 0 < run["cpu_utilisation"] <= 1.05  # CPU time cannot exceed wall x cores
+        assert run["useful_flops"] == pytest.approx(run["useful_flop"] / run["wall_s"])
+        assert run["useful_flop"] > 0
     assert folds["speedup"] == pytest.approx(one["utt_per_s"] / ref["utt_per_s"])
     # the reference keeps TensorFlow's own kernel choice; the library's way has oneDNN
     assert ref["onednn"] == (tensorflow_onednn_default() == "1")
@@ -107,7 +110,51 @@ def fold_run(mode: str, workers: int, utt_per_s: float) -> dict:
     """A `fold_epochs` result of that shape (the report's formatting only)."""
     return {"mode": mode, "workers": workers, "folds": 2, "epochs": 1, "utterances": 8,
             "wall_s": 8 / utt_per_s,
-            "utt_per_s": utt_per_s, "cpu_s": 1.0, "cpu_utilisation": 0.8, "cores": 2}
+            "utt_per_s": utt_per_s, "cpu_s": 1.0, "cpu_utilisation": 0.8, "cores": 2,
+            "useful_flop": 1e9 * utt_per_s, "useful_flops": 1e9 * utt_per_s / (8 / utt_per_s)}
+
+
+# oneDNN's log lines as it writes them (TensorFlow 2.21, oneDNN 3.7): a creation, two
+# executed convolutions of different kinds, and an executed reorder that is no convolution
+ONEDNN_LOG = [
+    "onednn_verbose,v1,primitive,create:cache_miss,cpu,convolution,jit:avx512_core,"
+    "backward_weights,src:f32::blocked:acdb::f0,,alg:convolution_direct,"
+    "mb5_ic8oc8_ih40oh40kh1sh1dh0ph0_iw272ow272kw3sw1dw0pw1,0.9",
+    "onednn_verbose,v1,primitive,exec,cpu,convolution,jit:avx512_core,backward_weights,"
+    "src:f32::blocked:acdb::f0 wei:f32:ap:blocked:Acdb16a::f0 bia:f32::blocked:a::f0 "
+    "dst:f32::blocked:acdb::f0,,alg:convolution_direct,"
+    "mb5_ic8oc8_ih40oh40kh1sh1dh0ph0_iw272ow272kw3sw1dw0pw1,0.62207",
+    "onednn_verbose,v1,primitive,exec,cpu,convolution,brg_conv_fwd:avx512_core,"
+    "forward_training,src:f32::blocked:acdb::f0 wei:f32:ap:blocked:AcdB16b16a::f0 "
+    "bia:f32::blocked:a::f0 dst:f32::blocked:acdb::f0,attr-post-ops:eltwise_relu:0.3,"
+    "alg:convolution_direct,g2mb3_ic8oc4_ih20oh20kh5sh1dh1ph4_iw50ow50kw1sw1dw0pw0,0.25",
+    "onednn_verbose,v1,primitive,exec,cpu,reorder,jit:uni,undef,src:f32::blocked:abcd::f0 "
+    "dst:f32::blocked:Acdb16a::f0,,,8x8x5x1,0.002",
+]
+
+
+def test_conv_flop_is_two_macs_per_output_and_kernel_tap():
+    assert conv_flop("mb5_ic8oc8_ih40oh40kh1sh1dh0ph0_iw272ow272kw3sw1dw0pw1") == 2 * 5 * 8 * 8 * 40 * 272 * 3
+    # grouped: each output channel reads ic / g input channels
+    assert conv_flop("g2mb3_ic8oc4_ih20oh20kh5sh1dh1ph4_iw50ow50kw1sw1dw0pw0") == 2 * 3 * 4 * 4 * 20 * 50 * 5
+
+
+def test_conv_kernels_sum_the_executed_convolutions_by_kind():
+    kinds = conv_kernels(ONEDNN_LOG)
+    assert set(kinds) == {"backward_weights", "forward_training"}  # no creation, no reorder
+    assert kinds["backward_weights"] == {"flop": 2.0 * 5 * 8 * 8 * 40 * 272 * 3, "s": 0.62207e-3,
+                                         "calls": 1}
+    assert kinds["forward_training"]["calls"] == 1
+    assert kinds["forward_training"]["s"] == pytest.approx(0.25e-3)
+
+
+@pytest.mark.slow  # two fresh TensorFlow processes
+def test_kernel_profile_reads_onednn_log_of_the_real_step():
+    k = kernel_profile(8)
+    assert set(k["conv_kinds"]) == {"forward_training", "backward_data", "backward_weights"}
+    assert k["conv_kinds"]["forward_training"]["calls"] >= 26 * k["batches"] > 0  # 26 convs
+    assert 0 < k["conv_share_of_step"] < 1 and 0 < k["conv_fraction_of_peak"] < 1
+    assert k["step_useful_flops"] > 0 and k["one_core_peak"] > k["step_useful_flops"]
 
 
 def test_report_and_json_from_toy_results(params, tmp_path):
@@ -120,6 +167,10 @@ def test_report_and_json_from_toy_results(params, tmp_path):
         "training": {"plain": training_profile(row, tiny(params, row), params, 4, 1, 2, 900)},
         "gpu": {"present": False, "note": "no GPU present"},
         "folds": folds,
+        "kernels": {"utterances": 8, "batches": 2, "step_wall_s": 1.0, "step_useful_flops": 2e9,
+                    "one_core_peak": 1e10, "conv_kinds": conv_kernels(ONEDNN_LOG),
+                    "conv_s": 0.5, "conv_flops": 4e9, "conv_share_of_step": 0.5,
+                    "conv_fraction_of_peak": 0.4, "step_fraction_of_peak": 0.2},
     }
     results["projection"] = project_ablation(params, tiny(params, row), 1e9, epochs=1)
     results["projection"]["device"] = "cpu"
@@ -131,8 +182,13 @@ def test_report_and_json_from_toy_results(params, tmp_path):
     text = report.read_text()
     assert "## Targets" in text and "No GPU present" in text
     assert "## Fold-epoch throughput" in text and "Both cores busy" in text
+    assert "## Where the default step's time goes" in text and "| all | 2 |" in text
     rows = verdicts(results)
     assert all(len(v) == 4 for v in rows)
+    # the default profile's share of the peak is the way `train_row` trains it (processes)
+    peak_row = next(v for v in rows if v[0].startswith("Default-profile training"))
+    assert peak_row[2].startswith(
+        f"{100 * folds['processes']['useful_flops'] / results['matmul_peak']['flops']:.1f} %")
     json.dumps(results, default=str)  # serializable
 
 

@@ -8,8 +8,9 @@ One run measures, side by side on the same machine:
 2. training throughput (utterances/s, FLOP/s) of the paper profile and the default
    profiles on IEMOCAP-like lengths, length-bucketed (``length_batches`` + ``pad_batch``)
    against one utterance per batch, and the masked equality of their outputs; fold-epoch
-   throughput and CPU utilisation of folds trained in parallel against the reference step
-   (one fold at a time on all cores);
+   throughput, FLOP/s and CPU utilisation of folds trained in parallel against the
+   reference step (one fold at a time on all cores); the share of the default profile's
+   step spent in oneDNN's convolution kernels, and their FLOP/s against one core's peak;
 3. feature extraction (``build_audio_store`` + ``build_feature_store``) against a plain
    per-file librosa loop, with peak memory (RSS incl. children) at 1x and 2x the corpus;
 4. the work DVC avoids (full / no-op ``dvc repro``, ``dvc exp run -S arcface.s=3``), the
@@ -43,6 +44,7 @@ from mdser.bench.features import feature_profile, in_fresh_process
 from mdser.bench.folds import fold_throughput
 from mdser.bench.gpu import gpu_figures, projection
 from mdser.bench.growth import growth_epoch, growth_summary
+from mdser.bench.kernels import kernel_profile
 from mdser.bench.machine import machine_info, matmul_peak
 from mdser.bench.pipeline import dvc_work
 from mdser.bench.report import TARGETS, verdicts, write_report
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log("fold-epoch throughput (default profile), three ways")
             results["folds"] = fold_throughput(size["fold_utts"], size["folds"],
                                                size["fold_epochs"], params["runtime"]["workers"])
+            log("convolution kernels' share of the default profile's step (oneDNN's log)")
+            results["kernels"] = kernel_profile(size["fold_utts"])
             if not args.quick:
                 log("trace cost (default profile)")
                 results["trace_cost"] = trace_cost(prof["default"], params)

@@ -15,7 +15,8 @@ are fixed when it starts):
 
 Each trains the default profile's `RowTrainer` for a few epochs on each of the same folds
 of synthetic IEMOCAP-like utterances (after one traced warm-up step per trainer), and
-reports utterances per second and the process's CPU time over wall time x cores. Several
+reports utterances per second, useful FLOP/s (analytic, real frames: `bench.flops`) and
+the process's CPU time over wall time x cores. Several
 epochs because a real fold runs at least `train.start_from_epoch` + `train.patience` of
 them: a fold's first epoch also pays for the kernels of each new batch shape (oneDNN
 generates code per shape), which one-epoch folds would overweight. The results of
@@ -99,16 +100,18 @@ def fold_epochs(mode: str, n_utts: int, n_folds: int, epochs: int, part: int = 0
     trainer.run(frames, rows, labels, weights, groups[:1], mean, std)  # trace + warm-up
 
     cpu0, t0 = cpu_seconds(), time.perf_counter()
-    mine = folds[part::parts]
+    mine, useful_flop = folds[part::parts], 0.0
     for frames, rows, labels, weights, groups in mine:
         for _ in range(epochs):
-            trainer.run(frames, rows, labels, weights, groups, mean, std)
+            run = trainer.run(frames, rows, labels, weights, groups, mean, std)
+            useful_flop += run["useful_flops"] * run["wall_s"]
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     cores = os.cpu_count() or 1
     trained = len(mine) * n_utts * epochs
     return {"mode": mode, "workers": parts, "folds": len(mine), "epochs": epochs,
             "utterances": trained, "wall_s": wall, "utt_per_s": trained / wall, "cpu_s": cpu,
             "cpu_utilisation": cpu / (wall * cores), "cores": cores,
+            "useful_flop": useful_flop, "useful_flops": useful_flop / wall,
             "onednn": bool(_pywrap_util_port.IsMklEnabled())}
 
 
@@ -130,9 +133,10 @@ def in_fresh_processes(mode: str, n_utts: int, n_folds: int, epochs: int,
             raise RuntimeError(f"fold-epoch job {mode} failed ({proc.returncode}):\n{err[-3000:]}")
         runs.append(read_result(out))
     wall, cpu = max(r["wall_s"] for r in runs), sum(r["cpu_s"] for r in runs)
-    trained = sum(r["utterances"] for r in runs)
+    trained, useful = sum(r["utterances"] for r in runs), sum(r["useful_flop"] for r in runs)
     return runs[0] | {"workers": parts, "folds": n_folds, "utterances": trained, "wall_s": wall,
-                      "utt_per_s": trained / wall, "cpu_s": cpu,
+                      "utt_per_s": trained / wall, "cpu_s": cpu, "useful_flop": useful,
+                      "useful_flops": useful / wall,
                       "cpu_utilisation": cpu / (wall * runs[0]["cores"])}
 
 

@@ -1,0 +1,118 @@
+"""Where the default profile's training step spends its time: oneDNN's convolution kernels.
+
+The job runs in a fresh interpreter with one thread per op, as a fold process trains
+(`row_training.start_fold_process`, `runtime.configure`): the one-thread float32 matmul
+peak, then two passes (a warm-up that creates every batch shape's kernels, then the
+measured one) of the default profile's train step over IEMOCAP-like length-bucketed
+batches. `kernel_profile` runs it twice: once plainly, for the step's wall time, and once
+with `ONEDNN_VERBOSE=1` (read when oneDNN starts), which logs every convolution primitive
+oneDNN executes with its problem size and time. From the measured pass's log follow the
+convolution kernels' FLOP/s (2 x MACs for each forward, backward-data and backward-weights
+primitive) and their share of the step's wall time: a ceiling on how close to one core's
+peak this step can come with every other op for free.
+
+    python -m mdser.bench.kernels UTTERANCES
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+from mdser.bench import ROOT, print_result, read_result
+
+# onednn_verbose,v1,primitive,exec,cpu,convolution,<impl>,<prop>,...,mb5_ic8oc8_ih40...,0.62
+CONV_EXEC = re.compile(r"^onednn_verbose,.*,exec,cpu,convolution,[^,]*,([a-z_]+),.*,(\w+),([\d.]+)$")
+
+
+def conv_flop(problem: str) -> float:
+    """2 x MACs of one convolution primitive from oneDNN's problem descriptor
+    (e.g. ``mb5_ic8oc8_ih40oh40kh5sh1dh0ph2_iw272ow272kw1sw1dw0pw0``)."""
+    size = {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", problem)}
+    macs = size["mb"] * size["ic"] // size.get("g", 1) * size["oc"]
+    for out, kernel in (("od", "kd"), ("oh", "kh"), ("ow", "kw")):
+        macs *= size.get(out, 1) * size.get(kernel, 1)
+    return 2.0 * macs
+
+
+def conv_kernels(log_lines: list[str]) -> dict[str, dict[str, float]]:
+    """FLOP, seconds and calls of the logged convolution primitives, per propagation kind."""
+    kinds: dict[str, dict[str, float]] = {}
+    for line in log_lines:
+        m = CONV_EXEC.match(line.strip())
+        if m:
+            kind = kinds.setdefault(m.group(1), {"flop": 0.0, "s": 0.0, "calls": 0})
+            kind["flop"] += conv_flop(m.group(2))
+            kind["s"] += float(m.group(3)) / 1000.0
+            kind["calls"] += 1
+    return kinds
+
+
+def train_passes(n_utts: int) -> dict[str, Any]:
+    """The job: one-thread matmul peak, then a warm-up and a measured pass of the default
+    profile's train step (in this process)."""
+    import numpy as np
+
+    from mdser.batching import length_batches
+    from mdser.bench.data import IEMOCAP, no_standardization, synthetic_set
+    from mdser.bench.machine import matmul_peak
+    from mdser.bench.training import Trainer, profiles
+    from mdser.params import load_params
+    from mdser.row_training import start_fold_process
+    from mdser.training import class_weights
+
+    params = load_params(ROOT / "params.yaml")
+    model_params, train = profiles(params)["default"], params["train"]
+    start_fold_process(None)
+    n_classes, n_mels = IEMOCAP["classes"], params["features"]["n_mels"]
+    trainer = Trainer(model_params, train, params[model_params["head"]], n_classes, n_mels)
+    peak = matmul_peak(2048, 3)  # one thread per op from here on (`configure`)
+    lengths, frames, rows, labels = synthetic_set(n_utts, n_mels, n_classes)
+    weights = class_weights(labels, n_classes, train["class_weight_alpha"]).astype(np.float32)
+    groups = length_batches(lengths, train["batch_frames"], np.random.default_rng(0))
+    mean, std = no_standardization()
+    trainer.run(frames, rows, labels, weights, groups, mean, std)  # every shape's kernels
+    t0 = time.perf_counter()
+    measured = trainer.run(frames, rows, labels, weights, groups, mean, std)
+    wall = time.perf_counter() - t0
+    ctypes.CDLL(None).fflush(None)  # oneDNN's log lines before the result line
+    return {"wall_s": wall, "useful_flops": measured["useful_flops"],
+            "one_core_peak": peak["flops"], "batches": len(groups)}
+
+
+def kernel_profile(n_utts: int) -> dict[str, Any]:
+    """The job run plainly (wall time) and with oneDNN's verbose log (kernel times)."""
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    runs = {}
+    for name, extra in (("plain", {}), ("verbose", {"ONEDNN_VERBOSE": "1"})):
+        proc = subprocess.run([sys.executable, "-m", "mdser.bench.kernels", str(n_utts)],
+                              capture_output=True, text=True, env=env | extra)
+        if proc.returncode:
+            raise RuntimeError(f"kernel profile job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        runs[name] = (read_result(proc.stdout), proc.stdout.splitlines())
+    plain, (_, log) = runs["plain"][0], runs["verbose"]
+    conv_lines = [line for line in log if CONV_EXEC.match(line.strip())]
+    measured = conv_lines[len(conv_lines) // 2:]  # the two passes execute the same primitives
+    kinds = conv_kernels(measured)
+    flop, seconds = sum(k["flop"] for k in kinds.values()), sum(k["s"] for k in kinds.values())
+    peak = plain["one_core_peak"]
+    return {"utterances": n_utts, "batches": plain["batches"], "step_wall_s": plain["wall_s"],
+            "step_useful_flops": plain["useful_flops"], "one_core_peak": peak,
+            "conv_kinds": kinds, "conv_s": seconds, "conv_flops": flop / seconds,
+            "conv_share_of_step": seconds / plain["wall_s"],
+            "conv_fraction_of_peak": flop / seconds / peak,
+            "step_fraction_of_peak": plain["useful_flops"] / peak}
+
+
+def main(argv: list[str] | None = None) -> None:
+    (n_utts,) = argv or sys.argv[1:]
+    print_result(train_passes(int(n_utts)))
+
+
+if __name__ == "__main__":
+    main()
