@@ -87,18 +87,17 @@ def train_passes(n_utts: int) -> dict[str, Any]:
 
 def kernel_profile(n_utts: int) -> dict[str, Any]:
     """The job run plainly (wall time) and with oneDNN's verbose log (kernel times)."""
-    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
-    runs = {}
-    for name, extra in (("plain", {}), ("verbose", {"ONEDNN_VERBOSE": "1"})):
+    def job(**env: str) -> str:
         proc = subprocess.run([sys.executable, "-m", "mdser.bench.kernels", str(n_utts)],
-                              capture_output=True, text=True, env=env | extra)
+                              capture_output=True, text=True,
+                              env=os.environ | {"PYTHONPATH": str(ROOT / "src")} | env)
         if proc.returncode:
             raise RuntimeError(f"kernel profile job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        runs[name] = (read_result(proc.stdout), proc.stdout.splitlines())
-    plain, (_, log) = runs["plain"][0], runs["verbose"]
-    conv_lines = [line for line in log if CONV_EXEC.match(line.strip())]
-    measured = conv_lines[len(conv_lines) // 2:]  # the two passes execute the same primitives
-    kinds = conv_kernels(measured)
+        return proc.stdout
+
+    plain = read_result(job())
+    conv_lines = [line for line in job(ONEDNN_VERBOSE="1").splitlines() if CONV_EXEC.match(line.strip())]
+    kinds = conv_kernels(conv_lines[len(conv_lines) // 2:])  # the two passes run the same primitives
     flop, seconds = sum(k["flop"] for k in kinds.values()), sum(k["s"] for k in kinds.values())
     peak = plain["one_core_peak"]
     return {"utterances": n_utts, "batches": plain["batches"], "step_wall_s": plain["wall_s"],
