@@ -1,5 +1,7 @@
 """Training procedure pieces (Eq. 15-19, batching) against plain numpy."""
 
+import gc
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -8,7 +10,7 @@ from helpers import fit, same, tiny_fold, trainer_config
 from mdser.batching import TIME_QUANTUM, length_batches, pad_batch
 from mdser.errors import UserError
 from mdser.features import standardization
-from mdser.training import class_weights, cyclical_lr
+from mdser.training import class_weights, cyclical_lr, frozen_heap
 
 
 def test_class_weights_eq15():
@@ -233,7 +235,10 @@ def test_a_device_out_of_memory_halves_the_batch_and_retrains_the_fold(tmp_path,
     trainer = RowTrainer(TINY_MODEL, TINY_TRAIN, HEAD_PARAMS, 3, 8)
     step = trainer.train_step
 
+    frozen = []
+
     def small_memory_step(x, lengths, y, w):
+        frozen.append(gc.get_freeze_count())
         if x.shape[0] * x.shape[2] > 128:
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
         return step(x, lengths, y, w)
@@ -246,6 +251,14 @@ def test_a_device_out_of_memory_halves_the_batch_and_retrains_the_fold(tmp_path,
     assert stats["batch_frames"] == 128 and len(history) == TINY_TRAIN["max_epochs"]
     assert "retrying the fold with train.batch_frames = 256" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())  # no checkpoint is left behind
+    assert min(frozen) > 0 and gc.get_freeze_count() == 0  # every step ran in `frozen_heap`
     trainer.train_step = step
     alone = fit(trainer, TINY_TRAIN | {"batch_frames": 128}, 0)
     assert same(best, alone[0]) and history == alone[1]  # as if run with that budget from the start
+
+
+def test_frozen_heap_freezes_what_exists_and_unfreezes_even_after_an_error():
+    with pytest.raises(RuntimeError), frozen_heap():
+        assert gc.get_freeze_count() > 0
+        raise RuntimeError
+    assert gc.get_freeze_count() == 0

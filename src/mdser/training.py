@@ -9,6 +9,7 @@ read here; `row_training` runs a row's folds.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -196,11 +197,6 @@ class RowTrainer:
             self.train_step = lambda *batch: mirrored_step(*self.shard(*batch))
         self.predict = Predictor(model, model_params["head"], head_params)
         self.predict.probabilities.get_concrete_function()
-        # TensorFlow, Keras and the traced graphs are millions of long-lived Python objects;
-        # frozen, Python's cyclic collector no longer walks them during training, which
-        # took 4 % of a default-profile step (`perf`, README *Performance*).
-        gc.collect()
-        gc.freeze()
 
     def shard(self, x: np.ndarray, lengths: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple:
         """Split a batch into one equal part per replica; the padding copies weigh 0."""
@@ -242,6 +238,20 @@ class RowTrainer:
             self.model.set_weights(state["weights"])
         for variable, value in zip(self.optimizer.variables, state["optimizer"], strict=True):
             variable.assign(value)
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Any:
+    """Python's cyclic garbage collector skips every object that exists when the block
+    starts. TensorFlow, Keras and a trainer's traced functions are millions of long-lived
+    objects, and walking them took 4 % of a default-profile training step (`perf`, README
+    *Performance*); afterwards they are collectable again."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class TrainingDiverged(UserError):
@@ -433,7 +443,8 @@ def fit_with_smaller_batches_on_oom(
         smaller = train | {"batch_frames": batch_frames}
         at = checkpoint and checkpoint.with_name(f"{checkpoint.name}-b{batch_frames}.npz")
         try:
-            best, history, stats = fit_fold(trainer, smaller, *args, checkpoint=at, **kwargs)
+            with frozen_heap():
+                best, history, stats = fit_fold(trainer, smaller, *args, checkpoint=at, **kwargs)
         except tf.errors.ResourceExhaustedError:
             if at is not None:
                 at.unlink(missing_ok=True)  # this budget is never resumed

@@ -77,7 +77,7 @@ def fold_epochs(mode: str, n_utts: int, n_folds: int, epochs: int, part: int = 0
     from mdser.bench.training import Trainer, profiles
     from mdser.params import load_params
     from mdser.row_training import start_fold_process
-    from mdser.training import class_weights
+    from mdser.training import class_weights, frozen_heap
 
     params = load_params(ROOT / "params.yaml")
     model_params, train = profiles(params)["default"], params["train"]
@@ -99,13 +99,14 @@ def fold_epochs(mode: str, n_utts: int, n_folds: int, epochs: int, part: int = 0
     frames, rows, labels, weights, groups = folds[0]
     trainer.run(frames, rows, labels, weights, groups[:1], mean, std)  # trace + warm-up
 
-    cpu0, t0 = cpu_seconds(), time.perf_counter()
     mine, useful_flop = folds[part::parts], 0.0
-    for frames, rows, labels, weights, groups in mine:
-        for _ in range(epochs):
-            run = trainer.run(frames, rows, labels, weights, groups, mean, std)
-            useful_flop += run["useful_flops"] * run["wall_s"]
-    wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+    with frozen_heap() if mode != "reference" else contextlib.nullcontext():  # as `train_row`
+        cpu0, t0 = cpu_seconds(), time.perf_counter()
+        for frames, rows, labels, weights, groups in mine:
+            for _ in range(epochs):
+                run = trainer.run(frames, rows, labels, weights, groups, mean, std)
+                useful_flop += run["useful_flops"] * run["wall_s"]
+        wall, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     cores = os.cpu_count() or 1
     trained = len(mine) * n_utts * epochs
     return {"mode": mode, "workers": parts, "folds": len(mine), "epochs": epochs,
