@@ -129,7 +129,8 @@ def np_dilated_conv_same(x: np.ndarray, kernel: np.ndarray, dilation: tuple[int,
 @pytest.mark.parametrize("dilation", [(1, 1), (1, 2), (2, 3)])
 def test_dilated_conv_and_its_gradients_match_numpy(dilation, path, monkeypatch):
     """Both paths of `Conv2D` (the kernel's own dilation where oneDNN or cuDNN has its
-    gradient, Keras' SpaceToBatch elsewhere): outputs and both gradients are the convolution's."""
+    gradient, Keras' SpaceToBatch elsewhere): outputs and the gradients of input, kernel and
+    bias are the convolution's plus a bias per output channel."""
     import tensorflow as tf
 
     from mdser.model import layers
@@ -140,17 +141,21 @@ def test_dilated_conv_and_its_gradients_match_numpy(dilation, path, monkeypatch)
         monkeypatch.setattr(layers, "native_dilated_gradient", lambda: False)
     rng = np.random.default_rng(11)
     x = tf.constant(rng.normal(size=(2, 6, 9, 2)).astype(np.float32))
-    layer = Conv2D(3, (3, 3), padding="same", dilation_rate=dilation, use_bias=False)
+    layer = Conv2D(3, (3, 3), padding="same", dilation_rate=dilation)
     layer.build(x.shape)
+    bias = rng.normal(size=3)
+    layer.bias.assign(bias.astype(np.float32))
     kernel = np.asarray(layer.kernel, np.float64)
     upstream = rng.normal(size=(2, 6, 9, 3))
     with tf.GradientTape() as tape:
         tape.watch(x)
         y = layer(x)
         loss = tf.reduce_sum(y * upstream)
-    grad_x, grad_k = tape.gradient(loss, [x, layer.kernel])
+    grad_x, grad_k, grad_b = tape.gradient(loss, [x, layer.kernel, layer.bias])
     xs = np.asarray(x, np.float64)
-    np.testing.assert_allclose(np.asarray(y), np_dilated_conv_same(xs, kernel, dilation), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y), np_dilated_conv_same(xs, kernel, dilation) + bias,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad_b), upstream.sum(axis=(0, 1, 2)), atol=1e-4)
     # loss is linear in x and in the kernel: each gradient is the loss of a unit perturbation
     want_x = np.zeros_like(xs)
     for idx in np.ndindex(xs.shape):
