@@ -338,6 +338,7 @@ def run_range_test(
     return curve
 
 
+@frozen_heap()  # a fold trains with TensorFlow's long-lived objects frozen
 def fit_fold(
     trainer: RowTrainer, train: dict[str, Any], frames: np.ndarray,
     members: dict[str, pd.DataFrame], labels: dict[str, np.ndarray], n_classes: int,
@@ -443,8 +444,7 @@ def fit_with_smaller_batches_on_oom(
         smaller = train | {"batch_frames": batch_frames}
         at = checkpoint and checkpoint.with_name(f"{checkpoint.name}-b{batch_frames}.npz")
         try:
-            with frozen_heap():
-                best, history, stats = fit_fold(trainer, smaller, *args, checkpoint=at, **kwargs)
+            best, history, stats = fit_fold(trainer, smaller, *args, checkpoint=at, **kwargs)
         except tf.errors.ResourceExhaustedError:
             if at is not None:
                 at.unlink(missing_ok=True)  # this budget is never resumed
