@@ -17,7 +17,7 @@ from mdser.bench.kernels import conv_flop, conv_kernels, kernel_profile
 from mdser.bench.machine import PeakMemory, machine_info, matmul_peak
 from mdser.bench.pipeline import STAGE_LINE
 from mdser.bench.report import TARGETS, batching_bounds, verdicts, write_report
-from mdser.bench.training import training_profile
+from mdser.bench.training import sweep_in_fold_process, training_profile
 from mdser.params import load_params
 
 
@@ -157,6 +157,15 @@ def test_kernel_profile_reads_onednn_log_of_the_real_step():
     assert k["step_useful_flops"] > 0 and k["one_core_peak"] > k["step_useful_flops"]
 
 
+@pytest.mark.slow  # a fresh TensorFlow process
+def test_batch_budget_sweep_runs_as_a_fold_process_trains():
+    sweep = sweep_in_fold_process(6, [1, 900])
+    assert sweep["intra_op_threads"] == sweep["inter_op_threads"] == 1
+    assert sweep["budgets"]["1"]["mean_batch_size"] == 1.0
+    assert sweep["budgets"]["900"]["mean_batch_size"] > 1
+    assert all(v["utt_per_s"] > 0 for v in sweep["budgets"].values())
+
+
 def test_report_and_json_from_toy_results(params, tmp_path):
     folds = {"reference": fold_run("reference", 1, 10.0), "sequential": fold_run("sequential", 1, 12.0),
              "processes": fold_run("processes", 2, 11.0), "default": "processes", "speedup": 1.1}
@@ -171,6 +180,9 @@ def test_report_and_json_from_toy_results(params, tmp_path):
                     "one_core_peak": 1e10, "conv_kinds": conv_kernels(ONEDNN_LOG),
                     "conv_s": 0.5, "conv_flops": 4e9, "conv_share_of_step": 0.5,
                     "conv_fraction_of_peak": 0.4, "step_fraction_of_peak": 0.2},
+        "batch_budget_sweep": {"utterances": 6, "configuration": "fold process (one thread per op)",
+                               "budgets": {"1": {"mean_batch_size": 1.0, "utt_per_s": 5.0,
+                                                 "useful_flops": 1e9, "padding_overhead": 0.0}}},
     }
     results["projection"] = project_ablation(params, tiny(params, row), 1e9, epochs=1)
     results["projection"]["device"] = "cpu"
@@ -183,6 +195,7 @@ def test_report_and_json_from_toy_results(params, tmp_path):
     assert "## Targets" in text and "No GPU present" in text
     assert "## Fold-epoch throughput" in text and "Both cores busy" in text
     assert "## Where the default step's time goes" in text and "| all | 2 |" in text
+    assert "in a fold process (one thread per op)" in text and "| 1 | 1.0 | 5.00 |" in text
     rows = verdicts(results)
     assert all(len(v) == 4 for v in rows)
     # the default profile's share of the peak is the way `train_row` trains it (processes)

@@ -2,7 +2,7 @@
 
 Shared by its modules: ``ROOT`` (the repository root), ``log`` (the progress line), and
 ``print_result`` / ``read_result``, how a job run in a fresh process hands back its result
-(one ``@@``-marked JSON line on stdout).
+(one ``@@``-marked JSON line on stdout), and ``run_job``, which runs such a job.
 The package itself imports nothing heavy, so that ``python -m mdser.bench.features`` (the
 feature-extraction job, run in a fresh process) pays only for its own imports.
 
@@ -18,6 +18,9 @@ and the projected ablation), ``report`` (targets, verdicts, Markdown), ``__main_
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,16 @@ def read_result(stdout: str) -> dict[str, Any]:
     """The result a job printed with `print_result` (its other output is ignored)."""
     line = next(x for x in stdout.splitlines() if x.startswith(RESULT_MARK))
     return json.loads(line[len(RESULT_MARK):])
+
+
+def run_job(module: str, *args: str, **env: str) -> str:
+    """Run ``python -m module args`` in a fresh interpreter (this repository's ``src`` first
+    on its path, `env` added to the environment); its stdout, or an error with its stderr."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=os.environ | {"PYTHONPATH": str(ROOT / "src")} | env)
+    if proc.returncode:
+        raise RuntimeError(f"{module} job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc.stdout
 
 
 def log(msg: str) -> None:

@@ -48,7 +48,7 @@ from mdser.bench.kernels import kernel_profile
 from mdser.bench.machine import machine_info, matmul_peak
 from mdser.bench.pipeline import dvc_work
 from mdser.bench.report import TARGETS, verdicts, write_report
-from mdser.bench.training import batch_budget_sweep, profiles, run_training, trace_cost
+from mdser.bench.training import profiles, run_training, sweep_in_fold_process, trace_cost
 
 SIZES = {
     "quick": {
@@ -155,9 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if "training" not in args.skip:
             results["training"] = run_training(params, prof, size)
             log("batch budget sweep (default profile)")
-            results["batch_budget_sweep"] = batch_budget_sweep(
-                prof["default"], params, size["default_utts"],
-                [1, 1000, 3000, 6000, 12000] if not args.quick else [1, 1500, 6000])
+            results["batch_budget_sweep"] = sweep_in_fold_process(
+                size["default_utts"], [1, 1000, 3000, 6000, 12000] if not args.quick else [1, 1500, 6000])
             log("fold-epoch throughput (default profile), three ways")
             results["folds"] = fold_throughput(size["fold_utts"], size["folds"],
                                                size["fold_epochs"], params["runtime"]["workers"])

@@ -17,14 +17,12 @@ peak this step can come with every other op for free.
 from __future__ import annotations
 
 import ctypes
-import os
 import re
-import subprocess
 import sys
 import time
 from typing import Any
 
-from mdser.bench import ROOT, print_result, read_result
+from mdser.bench import ROOT, print_result, read_result, run_job
 
 # onednn_verbose,v1,primitive,exec,cpu,convolution,<impl>,<prop>,...,mb5_ic8oc8_ih40...,0.62
 CONV_EXEC = re.compile(r"^onednn_verbose,.*,exec,cpu,convolution,[^,]*,([a-z_]+),.*,(\w+),([\d.]+)$")
@@ -88,16 +86,9 @@ def train_passes(n_utts: int) -> dict[str, Any]:
 
 def kernel_profile(n_utts: int) -> dict[str, Any]:
     """The job run plainly (wall time) and with oneDNN's verbose log (kernel times)."""
-    def job(**env: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "mdser.bench.kernels", str(n_utts)],
-                              capture_output=True, text=True,
-                              env=os.environ | {"PYTHONPATH": str(ROOT / "src")} | env)
-        if proc.returncode:
-            raise RuntimeError(f"kernel profile job failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        return proc.stdout
-
-    plain = read_result(job())
-    conv_lines = [line for line in job(ONEDNN_VERBOSE="1").splitlines() if CONV_EXEC.match(line.strip())]
+    plain = read_result(run_job("mdser.bench.kernels", str(n_utts)))
+    verbose = run_job("mdser.bench.kernels", str(n_utts), ONEDNN_VERBOSE="1")
+    conv_lines = [line for line in verbose.splitlines() if CONV_EXEC.match(line.strip())]
     kinds = conv_kernels(conv_lines[len(conv_lines) // 2:])  # the two passes run the same primitives
     flop, seconds = sum(k["flop"] for k in kinds.values()), sum(k["s"] for k in kinds.values())
     peak = plain["one_core_peak"]

@@ -204,8 +204,9 @@ def write_report(r: dict[str, Any], path: Path) -> None:
                 f"(one 32-frame utterance) {1000 * t['step_overhead_s']:.0f} ms.")
         sw = r.get("batch_budget_sweep")
         if sw:
+            where = sw.get("configuration", "benchmark process, every op on all cores")
             lines += ["", f"Batch budget sweep (default profile, {sw['utterances']} utterances, "
-                      "one traced step; budget 1 = one utterance per batch):", "",
+                      f"one traced step, in a {where}; budget 1 = one utterance per batch):", "",
                       "| batch_frames | mean batch size | utt/s | useful GFLOP/s | padding |",
                       "|---|---|---|---|---|"]
             for budget, v in sw["budgets"].items():

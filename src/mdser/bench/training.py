@@ -4,18 +4,22 @@
 `fit_fold`, timed batch by batch). On it: `training_profile` (length-bucketed batches
 against one utterance per batch, and the masked equality of their outputs),
 `batch_budget_sweep` and `trace_cost`; `profiles` names the model parameters benchmarked
-and `run_training` times each of them.
+and `run_training` times each of them. `sweep_in_fold_process` runs the sweep in a fresh
+interpreter configured as a fold process trains:
+
+    python -m mdser.bench.training UTTERANCES BUDGET...
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from mdser.bench import log
+from mdser.bench import ROOT, log, print_result, read_result, run_job
 from mdser.bench.data import FRAMES_PER_S, IEMOCAP, no_standardization, synthetic_set
 from mdser.bench.flops import model_flops
 
@@ -169,6 +173,15 @@ def batch_budget_sweep(model_params: dict[str, Any], params: dict[str, Any], n_u
     return {"utterances": n_utts, "budgets": out}
 
 
+def sweep_in_fold_process(n_utts: int, budgets: list[int]) -> dict[str, Any]:
+    """`batch_budget_sweep` of the default profile in a fresh interpreter with one thread per
+    op (`row_training.start_fold_process`, `runtime.configure`) and Python's collector
+    frozen, as `train_row`'s fold processes train; the benchmark's own process runs every
+    op on all cores, where larger batches pay more."""
+    result = read_result(run_job("mdser.bench.training", str(n_utts), *map(str, budgets)))
+    return result | {"configuration": "fold process (one thread per op)"}
+
+
 def trace_cost(model_params: dict[str, Any], params: dict[str, Any], n_classes: int = 4
                ) -> dict[str, Any]:
     """First-step time of a row's first fold (traces) and of its next fold (reuses the trace)."""
@@ -202,3 +215,24 @@ def run_training(params: dict[str, Any], prof: dict[str, dict[str, Any]],
                                     size["paper_naive_utts"], size["paper_equality_utts"],
                                     size["paper_batch_frames"] or bf)
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mdser.params import load_params
+    from mdser.row_training import start_fold_process
+    from mdser.training import frozen_heap
+
+    n_utts, *budgets = argv or sys.argv[1:]
+    params = load_params(ROOT / "params.yaml")
+    start_fold_process(None)
+    with frozen_heap():
+        sweep = batch_budget_sweep(profiles(params)["default"], params, int(n_utts),
+                                   [int(b) for b in budgets])
+    import tensorflow as tf
+
+    print_result(sweep | {"intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+                          "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads()})
+
+
+if __name__ == "__main__":
+    main()
