@@ -129,7 +129,7 @@ def test_generator_parameters_are_the_rendered_ones_and_nearly_separate_the_emot
     parameter predicts the file's measured RMS level. From those parameters, leave-one-
     speaker-out logistic regression separates the emotions almost perfectly (the corpus's
     ceiling); with the emotions shuffled the same procedure stays near chance."""
-    from mdser.corpora.ceiling import (
+    from mdser.ceiling import (
         PARAMETERS,
         ceiling,
         generator_parameters,
@@ -156,6 +156,33 @@ def test_generator_parameters_are_the_rendered_ones_and_nearly_separate_the_emot
     shuffled = list(np.random.default_rng(0).permutation(emotions))
     chance = leave_one_speaker_out_ua(speaker_standardized(x, speakers), shuffled, speakers)
     assert np.mean(chance) < 0.3
+
+
+def test_the_baseline_features_carry_level_and_f0_but_not_jitter_or_shimmer(default_corpus):
+    """`ceiling.recoverability` from the baseline's statistics of the pipeline's own
+    features: the utterance level and F0 are predicted well on held-out speakers, the
+    cycle-to-cycle jitter and shimmer not at all (R^2 near 0)."""
+    from helpers import repo_params
+
+    from mdser.baseline import utterance_statistics
+    from mdser.ceiling import PARAMETERS, generator_parameters, recoverability
+    from mdser.corpora.synth import _emodb_name, plan
+    from mdser.features import input_frames, three_channel
+
+    raw, df = default_corpus
+    params, _, speakers_of = generator_parameters(SYNTH)
+    path_of = {Path(p).stem: p for p in df["path"]}
+    maps = []
+    for item in plan(SYNTH):
+        y, sr = read_audio(raw / path_of[_emodb_name(item)])
+        maps.append(three_channel(resample(y[:, 0], sr, 16000), 16000, repo_params()["features"]))
+    rows = pd.DataFrame({"speaker": speakers_of, "frames": [len(m) for m in maps]})
+    rows["offset"] = np.cumsum(rows["frames"]) - rows["frames"]
+    stats = utterance_statistics(input_frames(np.concatenate(maps), rows, "speaker"), rows)
+    r2 = recoverability(stats, params, speakers_of)
+    assert r2["level_db"] > 0.8 and r2["f0_hz"] > 0.6, r2
+    assert abs(r2["jitter"]) < 0.2 and abs(r2["shimmer"]) < 0.2, r2
+    assert set(r2) == set(PARAMETERS)
 
 
 def test_iemocap_layout_is_read_by_the_iemocap_reader(tmp_path):
