@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mdser.corpora.synth import EMODB_COUNTS, IEMOCAP_COUNTS, _emodb_name, draw_params, plan
-from mdser.errors import UserError
+from mdser.errors import UserError, run_stage
 
 # The parameters of `draw_params` that carry emotion, in groups; the others (noise floor,
 # microphone) do not depend on it.
@@ -154,9 +154,8 @@ def feature_recoverability(store: Path, synth: dict[str, Any]) -> dict[str, floa
     rows, frames = open_features(Path(store))
     parameters, _, speakers = generator_parameters(synth)
     position = {_emodb_name(item): i for i, item in enumerate(plan(synth))}
-    unknown = sorted(set(rows["utt_id"]) - set(position))
-    if unknown:
-        raise UserError(f"{store}: {len(unknown)} utterances (e.g. {unknown[0]!r}) are not in the "
+    if set(rows["utt_id"]) != set(position):
+        raise UserError(f"{store} holds {len(rows)} utterances, not the {len(position)} of the "
                         "data.synth corpus of params.yaml; featurize that corpus first")
     order = [position[u] for u in rows["utt_id"]]
     statistics = utterance_statistics(input_frames(frames, rows, "speaker"), rows)
@@ -189,4 +188,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)
