@@ -140,8 +140,9 @@ def test_generator_parameters_are_the_rendered_ones_and_nearly_separate_the_emot
 
     raw, df = default_corpus
     x, emotions, speakers = generator_parameters(SYNTH)
-    names = [_emodb_name(item) for item in plan(SYNTH)]
-    assert emotions == [item["emotion"] for item in plan(SYNTH)]
+    items = plan(SYNTH)
+    names = [_emodb_name(item) for item in items]
+    assert emotions == [item["emotion"] for item in items]
     path_of = {Path(p).stem: p for p in df["path"]}
     rms_db = [20 * np.log10(np.sqrt(np.mean(read_audio(raw / path_of[n])[0][:, 0] ** 2))) for n in names]
     # within each (speaker, emotion): what the utterance's own draw adds to its level
