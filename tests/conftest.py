@@ -18,12 +18,18 @@ no GPU.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
 from repo_runs import BackgroundRepro, MlflowServer
 
 import mdser  # noqa: F401  (sets TensorFlow's CPU kernels before any test module imports it)
+
+# No network in tests: DVC's and MLflow's usage reports off, here and in every subprocess
+# (a DVC command otherwise starts a daemon that tries to send one, and leaves its report
+# in the temporary directory when it cannot).
+os.environ |= {"DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 @functools.cache

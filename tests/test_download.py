@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from helpers import LETTERS, utterance
+from helpers import LETTERS, ROOT, utterance
+from repo_runs import sh
 
 from mdser.corpora import prepare
 from mdser.corpora.download import fetch_archive, safe_extract_zip
@@ -207,3 +208,11 @@ def test_prepare_emodb_end_to_end_over_http(server, tmp_path, caplog):
     data["emodb"]["sha256"] = sha(body)
     _, info = prepare(data, tmp_path / "raw2")
     assert info["sha256_verified"]
+
+
+def test_dvc_commands_in_tests_send_no_usage_report():
+    """DVC starts a daemon after each command that sends a usage report over the network
+    (and, offline, leaves the report in the temporary directory); tests turn it off."""
+    proc = sh(["dvc", "status", "-v"], ROOT, check=False)
+    log = proc.stdout + proc.stderr
+    assert "Analytics is disabled" in log and "'daemon', 'analytics'" not in log, log[-2000:]

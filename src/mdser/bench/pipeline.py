@@ -29,6 +29,7 @@ def _env(repo: Path) -> dict[str, str]:
     env = os.environ | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(repo / "src"),
+        "DVC_NO_ANALYTICS": "1",  # no usage-report daemon per command: the machine may be offline
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
