@@ -14,7 +14,7 @@ from mdser.bench.data import EMODB, IEMOCAP
 
 TARGETS = {
     "train_fraction_of_peak": 0.50,  # paper profile, useful FLOP/s / matmul peak
-    "default_fraction_of_peak": 0.30,  # default profile (8 filters), the same ratio
+    "default_fraction_of_peak": 0.30,  # default profile (params.yaml), the same ratio
     "bucketed_speedup": 5.0,  # length-bucketed vs one utterance per batch (utterances/s)
     "equality_atol": 1e-5,  # max |p_bucketed - p_alone| over class probabilities
     "feature_speedup": 2.0,  # resample + featurize vs the plain librosa loop
