@@ -56,13 +56,14 @@ def generator_parameters(synth: dict[str, Any]) -> tuple[np.ndarray, list[str], 
 
 def speaker_standardized(x: np.ndarray, speakers: list[str]) -> np.ndarray:
     """Each speaker's rows standardised by that speaker's own mean and std (a constant
-    column stays 0), as `train.standardize: speaker` treats the features."""
-    out, speakers = np.zeros_like(x), np.asarray(speakers)
-    for s in np.unique(speakers):
-        rows = speakers == s
-        std = x[rows].std(axis=0)
-        out[rows] = (x[rows] - x[rows].mean(axis=0)) / np.where(std > 0, std, 1.0)
-    return out
+    column stays 0): `features.speaker_standardized`, which `train.standardize: speaker`
+    applies to the features, with each row as a one-frame utterance."""
+    import pandas as pd
+
+    from mdser.features import speaker_standardized as standardized_frames
+
+    rows = pd.DataFrame({"offset": np.arange(len(x)), "frames": 1, "speaker": speakers})
+    return standardized_frames(x, rows).astype(np.float64)
 
 
 def leave_one_speaker_out_ua(x: np.ndarray, emotions: list[str], speakers: list[str]) -> list[float]:
