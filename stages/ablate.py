@@ -6,8 +6,8 @@ with the baseline row, intervals, the paired ablation-step comparisons and the f
 Reads results/<row>/ for every `ablation.rows` row and results/baseline/; writes
 metrics/ablation.{md,csv,json}, metrics/training.md (did the curves flatten),
 metrics/ablation_plot.csv, metrics/images/ablation.png, the confusion data and images,
-the curves and the learning-rate range tests; logs each row's confusion image and its
-step's comparison to the row's MLflow parent run.
+the curves and the learning-rate range tests; logs every row (and the baseline) to MLflow
+from its results folder, with its confusion image and its step's comparison.
 """
 
 import argparse
@@ -33,7 +33,7 @@ from mdser.ablation import (
 from mdser.errors import UserError, run_stage
 from mdser.evaluation import confusion_figure
 from mdser.params import load_params, row_model
-from mdser.tracking import log_ablation
+from mdser.tracking import log_ablation, log_results
 
 
 def read_row(results: Path, metrics: Path, row: str, stage: str) -> tuple[dict, pd.DataFrame | None, Any]:
@@ -92,10 +92,8 @@ def main() -> None:
         newline="\n")
 
     experiment = f"{params['mlflow']['experiment_prefix']}-{corpus}"
-    missing = log_ablation(experiment, summaries, steps, {row: fig for row, (_, _, fig) in read.items()})
-    if missing:
-        print(f"MLflow: no parent run of {missing} in {experiment!r} holds these results; "
-              "their step comparisons and confusion images were not logged")
+    run_ids = log_results(experiment, corpus, args.results, [*rows, BASELINE])
+    log_ablation(run_ids, steps, {row: fig for row, (_, _, fig) in read.items()})
 
 
 if __name__ == "__main__":

@@ -204,8 +204,22 @@ def run_in_process(monkeypatch, cwd: Path, script: Path, *args: str) -> None:
     module["main"]()
 
 
-def test_ablate_stage_is_deterministic_logs_the_steps_and_mlflow_rebuilds_its_table(
-    tmp_path, monkeypatch, capsys,
+def write_results(folder: Path, row: str, predictions: pd.DataFrame) -> None:
+    """A results folder as `evaluate` (or `baseline`, without history.csv) writes it."""
+    summary = summarize(predictions, CLASSES)
+    folder.mkdir(parents=True, exist_ok=True)
+    predictions.to_csv(folder / "predictions.csv", index=False, lineterminator="\n")
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    if row != BASELINE:
+        pd.DataFrame({"fold": np.repeat(range(3), 2), "epoch": [1, 2] * 3, "val_ua": [0.2, 0.3] * 3}).to_csv(
+            folder / "history.csv", index=False, lineterminator="\n")
+    run = {"stage": f"evaluate@{row}", "inputs_hash": "0" * 16, "params": {"data": {"corpus": "synth"}},
+           "fold_params": {str(k): {"best_epoch": "2"} for k in range(3)}, "environment": {"device": "CPU"}}
+    (folder / "run.json").write_text(json.dumps(run))
+
+
+def test_ablate_stage_is_deterministic_logs_each_result_once_and_mlflow_rebuilds_its_table(
+    tmp_path, monkeypatch,
 ):
     from mdser import tracking
 
@@ -214,21 +228,8 @@ def test_ablate_stage_is_deterministic_logs_the_steps_and_mlflow_rebuilds_its_ta
     params["ablation"]["steps"] = {r: params["ablation"]["steps"][r] for r in ROWS}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     experiment = f"{params['mlflow']['experiment_prefix']}-{params['data']['corpus']}"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     for i, row in enumerate([BASELINE, *ROWS]):
-        predictions = fake_predictions(i, 0.3 + 0.1 * i)
-        summary = summarize(predictions, CLASSES)
-        out = tmp_path / "results" / row
-        out.mkdir(parents=True)
-        predictions.to_csv(out / "predictions.csv", index=False, lineterminator="\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        histories = {k: pd.DataFrame({"epoch": [1, 2], "val_ua": [0.2, 0.3]}) for k in range(3)}
-        if row != BASELINE:
-            pd.concat([h.assign(fold=k) for k, h in histories.items()]).to_csv(
-                out / "history.csv", index=False, lineterminator="\n")
-        tracking.log_row("synth", row, {"data": {"corpus": "synth"}}, summary, histories, predictions,
-                         {}, experiment)
+        write_results(tmp_path / "results" / row, row, fake_predictions(i, 0.3 + 0.1 * i))
 
     produced = ["ablation.md", "ablation.csv", "ablation.json", "ablation_plot.csv", "images/ablation.png",
                 "images/baseline.png", "confusion/baseline.csv"]
@@ -237,7 +238,6 @@ def test_ablate_stage_is_deterministic_logs_the_steps_and_mlflow_rebuilds_its_ta
         run_in_process(monkeypatch, tmp_path, ROOT / "stages" / "ablate.py", "results", "metrics")
         runs.append({p: (tmp_path / "metrics" / p).read_bytes() for p in produced})
     assert runs[0] == runs[1]
-    assert "no parent run" not in capsys.readouterr().out
     md = runs[0]["ablation.md"].decode()
     assert md.count("\n| baseline |") == 2 and "## Ablation steps: paired comparisons" in md
     headline = md.split("## Headline: the best CNN row and the proposed row\n")[1]
@@ -248,7 +248,8 @@ def test_ablate_stage_is_deterministic_logs_the_steps_and_mlflow_rebuilds_its_ta
     assert not (tmp_path / "metrics" / "curves" / "baseline.csv").exists()
 
     c = tracking.client()
-    parents = tracking.latest_parent_runs(c, experiment, ROWS)
+    parents = tracking.latest_parent_runs(c, experiment, [BASELINE, *ROWS])
+    assert {row: len(found) for row, found in parents.items()} == dict.fromkeys([BASELINE, *ROWS], 1)
     steps = json.loads(runs[0]["ablation.json"])["steps"]
     for row in ROWS:
         run = parents[row][0]
@@ -256,9 +257,13 @@ def test_ablate_stage_is_deterministic_logs_the_steps_and_mlflow_rebuilds_its_ta
         assert round(100 * run.data.metrics["step_delta_ua"], 2) == steps[row]["delta_ua"]
         assert round(run.data.metrics["step_p"], 4) == steps[row]["p"]
         assert {"step_ci_low", "step_ci_high", "step_p_min", "step_folds"} <= set(run.data.metrics)
-        assert "ua_ci_low" in run.data.metrics
-    for row in [BASELINE, *ROWS]:  # ablate, not evaluate, drew and logged the confusion images
-        run = tracking.latest_parent_runs(c, experiment, [row])[row][0]
+        assert run.data.metrics["ua_ci_low"] == written[row]["ua_ci_low"]
+        assert run.data.tags["dvc.stage"] == f"evaluate@{row}" and run.data.tags["device"] == "CPU"
+        children = c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        assert sorted(r.data.tags["fold"] for r in children) == ["0", "1", "2"]
+        assert all(r.data.params["best_epoch"] == "2" and r.data.metrics["val_ua"] == 0.3 for r in children)
+    for row in [BASELINE, *ROWS]:  # with the confusion image ablate drew
+        run = parents[row][0]
         assert "confusion.png" in [a.path for a in c.list_artifacts(run.info.run_id)]
 
     run_in_process(monkeypatch, tmp_path, ROOT / "src" / "mdser" / "table_from_mlflow.py",
@@ -266,19 +271,16 @@ def test_ablate_stage_is_deterministic_logs_the_steps_and_mlflow_rebuilds_its_ta
     for suffix in ("md", "csv", "json"):
         assert (tmp_path / f"metrics/from_mlflow.{suffix}").read_bytes() == runs[0][f"ablation.{suffix}"]
 
-    # a later run of a row with other results (another experiment) does not get these steps
-    other = fake_predictions(99, 0.9)
-    tracking.log_row("synth", "ff-spp-softmax", {}, summarize(other, CLASSES),
-                     {k: pd.DataFrame({"epoch": []}) for k in range(3)}, other, {}, experiment)
-    summaries = {r: json.loads((tmp_path / "results" / r / "summary.json").read_text()) for r in ROWS}
-    step = {"ff-spp-softmax": {"base": "ff-gmp-softmax", "n": 3, "delta": 0.5, "ci_low": 0.1,
-                               "ci_high": 0.9, "p": 0.25, "p_min": 0.25, "significant": True}}
-    only = {"ff-spp-softmax": summaries["ff-spp-softmax"]}
-    assert tracking.log_ablation(experiment, only, step, {}) == []
-    newest, matched = tracking.latest_parent_runs(c, experiment, ["ff-spp-softmax"])["ff-spp-softmax"][:2]
-    assert "step_delta_ua" not in newest.data.metrics and matched.data.metrics["step_delta_ua"] == 0.5
-    summaries["ff-spp-softmax"]["ua_mean"] += 0.01  # results no run holds: nothing is logged
-    assert tracking.log_ablation(experiment, only, step, {}) == ["ff-spp-softmax"]
+    # one row's results change: the next ablate logs that row again, and only that row
+    write_results(tmp_path / "results" / "ff-spp-softmax", "ff-spp-softmax", fake_predictions(99, 0.9))
+    run_in_process(monkeypatch, tmp_path, ROOT / "stages" / "ablate.py", "results", "metrics")
+    again = tracking.latest_parent_runs(c, experiment, [BASELINE, *ROWS])
+    assert {row: len(found) for row, found in again.items()} == dict.fromkeys([BASELINE, *ROWS], 1) | {
+        "ff-spp-softmax": 2}
+    newest = again["ff-spp-softmax"][0]
+    assert newest.data.metrics["ua_mean"] == json.loads(
+        (tmp_path / "results" / "ff-spp-softmax" / "summary.json").read_text())["ua_mean"]
+    assert "step_delta_ua" in newest.data.metrics
 
 
 def test_convergence_frame_reads_each_fold_curve():

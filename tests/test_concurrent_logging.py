@@ -26,7 +26,7 @@ LOCK_SCRIPT = textwrap.dedent("""
     from filelock import FileLock, Timeout
     os.chdir(sys.argv[1])
     from mdser import tracking
-    tracking.client()  # what log_row does first
+    tracking.client()  # what log_results does first
     with tracking.store_lock():
         try:
             FileLock(str(Path(sys.argv[1]) / "mlruns" / ".lock"), timeout=0.5).acquire()
@@ -55,11 +55,10 @@ QUEUED_S = [3.0, 4.0]
 
 
 def start_queue(repo: Path, extra: dict[str, str] | None) -> None:
-    """Queue one experiment per arcface.s value and start two workers. The target is the
-    row's evaluate stage (train + evaluate: the stage that logs to MLflow), not the table."""
+    """Queue one experiment per arcface.s value and start two workers. Each experiment
+    trains the row again and runs `ablate`, the stage that logs to MLflow."""
     for s in QUEUED_S:
-        sh(["dvc", "exp", "run", "--queue", "-S", f"arcface.s={s}", f"evaluate@{ROW}"], repo,
-           extra=extra)
+        sh(["dvc", "exp", "run", "--queue", "-S", f"arcface.s={s}"], repo, extra=extra)
     sh(["dvc", "queue", "start", "-j", "2"], repo, extra=extra)
 
 
@@ -82,12 +81,15 @@ def _finished(rows: list[list[str]]) -> bool:
 
 
 def _check_runs(runs: list) -> dict[str, int]:
+    """Each experiment logged its whole table once: the row and the baseline."""
     parents = [r for r in runs if r.data.tags.get("level") == "row"]
     per_key = Counter((r.data.tags.get("dvc.exp_name"), r.data.tags["row"]) for r in parents)
     assert set(per_key.values()) == {1}, per_key  # none duplicated
-    assert len(per_key) == len(QUEUED_S), per_key  # none lost
+    assert len(per_key) == 2 * len(QUEUED_S), per_key  # none lost
+    assert {row for _, row in per_key} == {ROW, "baseline"}, per_key
     assert all(name for name, _ in per_key), "a parent run has no dvc.exp_name tag"
-    assert sorted(float(r.data.params["arcface.s"]) for r in parents) == QUEUED_S
+    row_runs = [r for r in parents if r.data.tags["row"] == ROW]
+    assert sorted(float(r.data.params["arcface.s"]) for r in row_runs) == QUEUED_S
     assert all(r.info.status == "FINISHED" for r in runs)
     for p in parents:
         kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
@@ -167,7 +169,7 @@ def test_two_queued_experiments_log_every_run_once_to_a_server(queues, server):
 
     q = queues["server"]
     _assert_queue_accounted(q)
-    assert len(q["runs"]) == 6  # 2 experiments x (1 row + 2 folds)
+    assert len(q["runs"]) == 12  # 2 experiments x 2 rows (the row, the baseline) x (1 + 2 folds)
     assert not (q["repo"] / "mlruns").exists()  # nothing went to a local store
     client = MlflowClient(server.uri)
     for r in q["runs"]:

@@ -187,11 +187,11 @@ def interrupted(tmp_path_factory) -> dict:
     done = completed_folds(repo)[0]  # the run is dead: mark the fold it completed
     (done / KEPT_MARK).write_text("written by the test after the kill\n")
     done_fold = json.loads((done / "fold.json").read_text())["fold"]
-    # frozen by FREEZE_HOOK right after fold 0's predictions reached MLflow: the parent run
-    # and fold 0's run are RUNNING, fold 1 is not logged yet
-    frozen, marker = freeze_after_artifact(repo, "evaluate.py", "predictions.csv")
-    kill("evaluate, MLflow logging", marker.exists, signal.SIGKILL, f"evaluate@{ROW}", None,
-         frozen)
+    # frozen by FREEZE_HOOK right after the row's fold 0 predictions reached MLflow (ablate
+    # logs the CNN row first, then the baseline): the parent run and fold 0's run are
+    # RUNNING, fold 1 is not logged yet
+    frozen, marker = freeze_after_artifact(repo, "ablate.py", "predictions.csv")
+    kill("ablate, MLflow logging", marker.exists, signal.SIGKILL, "ablate", None, frozen)
     with sqlite3.connect(repo / "mlruns" / "mlflow.db") as db:
         running = db.execute("select count(*) from runs where status = 'RUNNING'").fetchone()[0]
     final = sh(["dvc", "repro"], repo)
@@ -229,7 +229,7 @@ def test_training_resumes_from_the_completed_fold_and_epoch(interrupted):
     assert (models / f"fold_{done}" / KEPT_MARK).is_file()
     assert (models / f"fold_{part_way}" / "fold.json").is_file()
     assert not (models / f"fold_{part_way}" / KEPT_MARK).exists()
-    after_kill = next(k for k in interrupted["kills"] if k["point"].startswith("evaluate"))
+    after_kill = next(k for k in interrupted["kills"] if k["point"].startswith("ablate"))
     log = after_kill["log"]  # the next repro: the part-way fold went on after its last epoch
     assert re.search(rf"row {ROW}, fold {part_way}: resuming after epoch \d+", log), log[-3000:]
     assert f"fold {done}: resuming" not in log
@@ -254,7 +254,7 @@ def test_killed_mlflow_logging_leaves_one_finished_run_per_row(interrupted):
 def test_killed_mlflow_logging_leaves_no_dangling_run(interrupted):
     # the kill left the parent run and fold 0's run RUNNING (see FREEZE_HOOK) ...
     assert interrupted["running_after_kill"] == 2, interrupted["running_after_kill"]
-    # ... and the rerun's log_row closed them (KILLED) before logging the row again
+    # ... and the rerun's log_results closed them (KILLED) before logging the row again
     runs = mlflow_runs(local_uri(interrupted["repo"]))
     dangling = [(r.info.run_name, r.info.status) for r in runs if r.info.status == "RUNNING"]
     assert not dangling, dangling

@@ -1,5 +1,8 @@
 """MLflow: one experiment per corpus, one parent run per ablation row, one child per fold.
 
+The `ablate` stage logs every row from the results folder `evaluate` (or `baseline`)
+wrote (`log_results`), so MLflow is imported once per pipeline run, not once per row.
+
 The store defaults to an SQLite database in the repository's `mlruns/`, addressed
 by an absolute URI so that `dvc exp run --queue` (which runs in a temporary copy
 of the repository under `.dvc/tmp/exps/`) logs to the same place. Set
@@ -22,8 +25,9 @@ from typing import Any
 import pandas as pd
 from filelock import FileLock
 
-from mdser.runtime import cpu_flags, cpu_model, main_repo_root
+from mdser.runtime import main_repo_root
 from mdser.statistics import confusion_counts
+from mdser.stores import tree_hash
 
 SUMMARY_METRICS = [
     "ua_mean", "ua_std", "wa_mean", "wa_std", "macro_f1_mean",
@@ -102,99 +106,123 @@ def run_tags(stage: str, inputs_hash: str) -> dict[str, str]:
     }
 
 
-def environment_tags(stage: str, inputs_hash: str, trained: dict[str, Any]) -> dict[str, str]:
-    """`run_tags` plus the hardware and TensorFlow that trained the row, as its `fold.json`
-    records them (`trained`: one fold's record), so evaluating imports no TensorFlow."""
-    return run_tags(stage, inputs_hash) | {
-        k: str(trained[k]) for k in ("device", "cpu_flags", "tensorflow")}
-
-
-def baseline_tags(stage: str, inputs_hash: str) -> dict[str, str]:
-    """`run_tags` plus the CPU and scikit-learn that ran the baseline (no TensorFlow import)."""
-    import sklearn
-
-
-    return run_tags(stage, inputs_hash) | {
-        "device": f"CPU {cpu_model()} ({os.cpu_count()} cores)", "cpu_flags": cpu_flags(),
-        "sklearn": sklearn.__version__,
-    }
-
-
 def _flat(prefix: str, d: dict[str, Any]) -> dict[str, str]:
     return {f"{prefix}.{k}": json.dumps(v) if isinstance(v, list) else str(v) for k, v in d.items()}
 
 
+def log_results(experiment: str, corpus: str, results: Path, rows: list[str]) -> dict[str, str]:
+    """Log each row's results folder (`results/<row>/`, as `evaluate` or `baseline` wrote it)
+    as a parent run with one child run per fold, in the order of `rows`; returns row -> run id.
+
+    A row is logged once per content and DVC experiment: when the experiment already holds
+    a finished parent run of the row tagged with the same `mdser.results_hash` (a hash of
+    the whole folder) and `dvc.exp_name`, that run's id is returned and nothing is logged,
+    so rerunning `ablate` after one row changed logs that row only. The folder's
+    `run.json` gives the run's parameters, the fold parameters logged beside each fold
+    number, the environment that produced it, its stage and inputs hash, and the names of
+    extra files logged as artifacts of the parent run.
+    """
+    c = client()
+    run_ids = {}
+    with store_lock():
+        exp = experiment_id(c, experiment)
+        for row in rows:
+            folder = results / row
+            record = json.loads((folder / "run.json").read_text())
+            tags = run_tags(record["stage"], record["inputs_hash"]) | {
+                k: str(v) for k, v in record["environment"].items()} | {
+                "mdser.results_hash": tree_hash(folder)}
+            logged = c.search_runs([exp], " and ".join([
+                f"tags.row = '{row}'", "attributes.status = 'FINISHED'",
+                f"tags.`mdser.results_hash` = '{tags['mdser.results_hash']}'",
+                f"tags.`dvc.exp_name` = '{tags['dvc.exp_name']}'"]), max_results=1)
+            if logged:
+                run_ids[row] = logged[0].info.run_id
+                continue
+            summary = json.loads((folder / "summary.json").read_text())
+            folds = [f["fold"] for f in summary["folds"]]
+            per_fold = {name: _per_fold(folder / f"{name}.csv", folds, index)
+                        for name, index in (("history", "epoch"), ("range_test", "step"))}
+            run_ids[row] = log_row(
+                c, exp, corpus, row, record["params"], summary, per_fold["history"],
+                pd.read_csv(folder / "predictions.csv"), tags,
+                texts={name: (folder / name).read_text() for name in record.get("artifacts", [])},
+                fold_params={int(k): v for k, v in record["fold_params"].items()},
+                range_tests=per_fold["range_test"])
+    return run_ids
+
+
+def _per_fold(path: Path, folds: list[int], index: str) -> dict[int, pd.DataFrame]:
+    """A results CSV with the columns `fold` and `index`, split by fold (empty when absent)."""
+    frame = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=["fold", index])
+    return {k: frame[frame["fold"] == k].drop(columns="fold") for k in folds}
+
+
 def log_row(
-    corpus: str, row: str, run_params: dict[str, Any], summary: dict[str, Any],
-    histories: dict[int, pd.DataFrame], predictions: pd.DataFrame,
-    tags: dict[str, str], experiment: str, texts: dict[str, str] | None = None,
-    fold_params: dict[int, dict[str, str]] | None = None,
-    range_tests: dict[int, pd.DataFrame] | None = None,
+    c: Any, exp: str, corpus: str, row: str, run_params: dict[str, Any], summary: dict[str, Any],
+    histories: dict[int, pd.DataFrame], predictions: pd.DataFrame, tags: dict[str, str],
+    texts: dict[str, str], fold_params: dict[int, dict[str, str]],
+    range_tests: dict[int, pd.DataFrame],
 ) -> str:
-    """Log one evaluated ablation row: a parent run and a child run per fold.
+    """Log one evaluated ablation row to experiment `exp` through client `c` (under the
+    store lock): a parent run and a child run per fold; returns the parent's id.
 
     The parent holds the summary metrics, the `ua_ci_low`/`ua_ci_high` interval when
-    the summary has one, summary.json and any `texts` (artifact name -> content); the row's
-    confusion image comes later, from `log_ablation` (drawing it here would cost every
-    `evaluate` stage a second). Each child holds its curves (`histories[fold]`, may be
-    empty), test metrics, predictions, confusion counts (confusion.json) and
-    `fold_params[fold]` beside its fold number, and
-    the learning-rate range test's curve (`range_tests[fold]`, empty with fixed bounds)
-    as `range_test_<column>` metrics over its steps.
+    the summary has one, summary.json and the `texts` (artifact name -> content); the row's
+    confusion image comes later, from `log_ablation`. Each child holds its curves
+    (`histories[fold]`: an `epoch` column, may be empty), test metrics, predictions,
+    confusion counts (confusion.json) and `fold_params[fold]` beside its fold number, and
+    the learning-rate range test's curve (`range_tests[fold]`: a `step` column, empty with
+    fixed bounds) as `range_test_<column>` metrics over its steps.
     """
     from mlflow.entities import Metric, Param, RunTag
 
-    c = client()
     now = int(time.time() * 1000)
     code = {name: i for i, name in enumerate(summary["classes"])}
-    with store_lock():
-        exp = experiment_id(c, experiment)
-        close_dangling_runs(c, exp, row)
-        parent = c.create_run(exp, run_name=row, tags=tags | {"row": row, "corpus": corpus, "level": "row"})
-        pid = parent.info.run_id
-        metrics = {k: summary[k] for k in SUMMARY_METRICS if k != "n_folds"}
-        metrics |= {"n_folds": len(summary["folds"])}
-        metrics |= {f"recall_{k}": v for k, v in summary["recall"].items()}
-        metrics |= {k: summary[k] for k in CI_METRICS if summary.get(k) is not None}
-        params = {k: v for section, d in run_params.items() for k, v in _flat(section, d).items()}
-        c.log_batch(
-            pid, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())],
-            params=[Param(k, v) for k, v in sorted(params.items())],
-        )
-        c.log_text(pid, json.dumps(summary, indent=2, sort_keys=True), "summary.json")
-        for name, text in sorted((texts or {}).items()):
-            c.log_text(pid, text, name)
-        for f in summary["folds"]:
-            k = f["fold"]
-            child_tags = tags | {
-                "row": row, "corpus": corpus, "level": "fold", "fold": str(k),
-                "test_speaker": f["test_speaker"], "mlflow.parentRunId": pid,
-            }
-            child = c.create_run(exp, run_name=f"{row}/fold{k}", tags=child_tags)
-            cid = child.info.run_id
-            curves = [
-                Metric(name, float(value), now, int(epoch))
-                for epoch, values in histories[k].set_index("epoch").iterrows()
-                for name, value in values.items()
-            ]
-            sweep = (range_tests or {}).get(k, pd.DataFrame(columns=["step"]))
-            curves += [
-                Metric(f"range_test_{name}", float(value), now, int(step))
-                for step, values in sweep.set_index("step").iterrows()
-                for name, value in values.items()
-            ]
-            final = [Metric(f"test_{m}", float(f[m]), now, 0) for m in ("ua", "wa", "macro_f1")]
-            extra = (fold_params or {}).get(k, {})
-            c.log_batch(cid, metrics=curves + final,
-                        params=[Param("fold", str(k))] + [Param(n, v) for n, v in sorted(extra.items())],
-                        tags=[RunTag("test_speaker", f["test_speaker"])])
-            fold_predictions = predictions[predictions["fold"] == k]
-            c.log_text(cid, fold_predictions.to_csv(index=False), "predictions.csv")
-            c.log_dict(cid, {"classes": summary["classes"], "actual_by_predicted": confusion_counts(
-                fold_predictions["actual"].map(code), fold_predictions["predicted"].map(code),
-                len(code)).tolist()}, "confusion.json")
-            c.set_terminated(cid)
-        c.set_terminated(pid)
+    close_dangling_runs(c, exp, row)
+    parent = c.create_run(exp, run_name=row, tags=tags | {"row": row, "corpus": corpus, "level": "row"})
+    pid = parent.info.run_id
+    metrics = {k: summary[k] for k in SUMMARY_METRICS if k != "n_folds"}
+    metrics |= {"n_folds": len(summary["folds"])}
+    metrics |= {f"recall_{k}": v for k, v in summary["recall"].items()}
+    metrics |= {k: summary[k] for k in CI_METRICS if summary.get(k) is not None}
+    params = {k: v for section, d in run_params.items() for k, v in _flat(section, d).items()}
+    c.log_batch(
+        pid, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())],
+        params=[Param(k, v) for k, v in sorted(params.items())],
+    )
+    c.log_text(pid, json.dumps(summary, indent=2, sort_keys=True), "summary.json")
+    for name, text in sorted(texts.items()):
+        c.log_text(pid, text, name)
+    for f in summary["folds"]:
+        k = f["fold"]
+        child_tags = tags | {
+            "row": row, "corpus": corpus, "level": "fold", "fold": str(k),
+            "test_speaker": f["test_speaker"], "mlflow.parentRunId": pid,
+        }
+        child = c.create_run(exp, run_name=f"{row}/fold{k}", tags=child_tags)
+        cid = child.info.run_id
+        curves = [
+            Metric(name, float(value), now, int(epoch))
+            for epoch, values in histories[k].set_index("epoch").iterrows()
+            for name, value in values.items()
+        ]
+        curves += [
+            Metric(f"range_test_{name}", float(value), now, int(step))
+            for step, values in range_tests[k].set_index("step").iterrows()
+            for name, value in values.items()
+        ]
+        final = [Metric(f"test_{m}", float(f[m]), now, 0) for m in ("ua", "wa", "macro_f1")]
+        c.log_batch(cid, metrics=curves + final,
+                    params=[Param("fold", str(k))] + [Param(n, v) for n, v in sorted(fold_params[k].items())],
+                    tags=[RunTag("test_speaker", f["test_speaker"])])
+        fold_predictions = predictions[predictions["fold"] == k]
+        c.log_text(cid, fold_predictions.to_csv(index=False), "predictions.csv")
+        c.log_dict(cid, {"classes": summary["classes"], "actual_by_predicted": confusion_counts(
+            fold_predictions["actual"].map(code), fold_predictions["predicted"].map(code),
+            len(code)).tolist()}, "confusion.json")
+        c.set_terminated(cid)
+    c.set_terminated(pid)
     return pid
 
 
@@ -263,43 +291,24 @@ def summaries_from_mlflow(experiment: str, rows: list[str]) -> dict[str, dict[st
     return out
 
 
-def _same_results(run: Any, summary: dict[str, Any]) -> bool:
-    """Whether a parent run logged exactly this summary (the float metrics are stored exactly)."""
-    m = run.data.metrics
-    return all(m.get(k) == summary[k] for k in ("ua_mean", "ua_std", "wa_mean", "pooled_ua")) and (
-        m.get("n_folds") == len(summary["folds"])
-    )
-
-
 def log_ablation(
-    experiment: str, summaries: dict[str, dict[str, Any]], steps: dict[str, dict[str, Any]],
-    figures: dict[str, Any],
-) -> list[str]:
-    """Log what `ablate` computed to each row's parent run: its confusion image
-    (`figures[row]`, over all folds, as confusion.png) and its ablation step's paired comparison.
+    run_ids: dict[str, str], steps: dict[str, dict[str, Any]], figures: dict[str, Any],
+) -> None:
+    """Log what `ablate` computed to each row's parent run (`run_ids`, from `log_results`):
+    its confusion image (`figures[row]`, over all folds, as confusion.png) and its
+    ablation step's paired comparison.
 
     `steps`: row -> `mdser.ablation.step_comparisons` entry (base, n, delta, ci_low,
-    ci_high, p, p_min, significant). The run is the newest finished parent run of
-    the row whose summary metrics equal `summaries[row]` (the results the table was
-    built from, not a later run of another experiment); a step gives it the metrics
-    `step_delta_ua`, `step_ci_low`, `step_ci_high` (absent below 2 folds), `step_p`,
-    `step_p_min`, `step_folds` and the tags `step_base` (the row it modifies) and
-    `step_significant`. Returns the rows of `summaries` that had no such run (nothing
-    logged for them).
+    ci_high, p, p_min, significant). A step gives the run the metrics `step_delta_ua`,
+    `step_ci_low`, `step_ci_high` (absent below 2 folds), `step_p`, `step_p_min`,
+    `step_folds` and the tags `step_base` (the row it modifies) and `step_significant`.
     """
     from mlflow.entities import Metric, RunTag
 
     c = client()
     now = int(time.time() * 1000)
-    missing = []
     with store_lock():
-        runs = latest_parent_runs(c, experiment, sorted(summaries))
-        for row, summary in sorted(summaries.items()):
-            match = [r for r in runs.get(row, []) if _same_results(r, summary)]
-            if not match:
-                missing.append(row)
-                continue
-            run_id = match[0].info.run_id
+        for row, run_id in sorted(run_ids.items()):
             if row in figures:
                 c.log_figure(run_id, figures[row], "confusion.png")
             if row not in steps:
@@ -317,4 +326,3 @@ def log_ablation(
                 tags=[RunTag("step_base", step["base"]),
                       RunTag("step_significant", "-" if significant is None else str(significant).lower())],
             )
-    return missing
