@@ -12,9 +12,8 @@ evaluate's; `ablate` logs them to MLflow as the parent run "baseline" with a chi
 import argparse
 import json
 import os
+from importlib.metadata import version
 from pathlib import Path
-
-import sklearn
 
 from mdser.baseline import ROW, baseline_predictions
 from mdser.errors import run_stage
@@ -44,7 +43,7 @@ def main() -> None:
                    "train": {k: params["train"][k] for k in ("folds", "standardize")}},
         "fold_params": {s["fold"]: {"C": str(s["C"])} for s in selection},
         "environment": {"device": f"CPU {cpu_model()} ({os.cpu_count()} cores)",
-                        "cpu_flags": cpu_flags(), "sklearn": sklearn.__version__},
+                        "cpu_flags": cpu_flags(), "sklearn": version("scikit-learn")},
         "artifacts": ["selection.json"],
     }
     with atomic_dir(args.out) as out:

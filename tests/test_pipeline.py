@@ -52,6 +52,25 @@ def test_second_repro_has_nothing_to_do(repo):
     assert "Running stage" not in out
 
 
+IMPORTED_BY_STAGE = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+print(sorted({m.split(".")[0] for m in sys.modules} & {"mlflow", "tensorflow", "keras"}))
+"""
+
+
+def test_evaluate_and_baseline_stages_import_neither_tensorflow_nor_mlflow(repo, tmp_path):
+    """The row stages after training stay light: ablate logs them to MLflow, and evaluate
+    reads the scores train wrote (a stage's fixed cost is its imports, *Performance*)."""
+    row = ROWS[0]
+    for cmd in (["stages/evaluate.py", row, "data/features", "data/splits.json", f"models/{row}"],
+                ["stages/baseline.py", "data/features", "data/splits.json"]):
+        cmd += [str(tmp_path / Path(cmd[0]).stem), str(tmp_path / f"{Path(cmd[0]).stem}.json")]
+        out = run([sys.executable, "-c", IMPORTED_BY_STAGE, *cmd], repo).stdout
+        assert out.splitlines()[-1] == "[]", (cmd[0], out)
+
+
 def test_arcface_change_touches_only_arcface_rows(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["arcface"]["s"] = 3.0
