@@ -11,7 +11,6 @@ evaluate's; `ablate` logs them to MLflow as the parent run "baseline" with a chi
 
 import argparse
 import json
-import os
 from importlib.metadata import version
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from mdser.baseline import ROW, baseline_predictions
 from mdser.errors import run_stage
 from mdser.evaluation import row_metrics, summarize
 from mdser.params import load_params
-from mdser.runtime import cpu_flags, cpu_model
+from mdser.runtime import cpu_flags, cpu_name
 from mdser.splits import read_folds
 from mdser.stores import atomic_dir, tree_hash
 
@@ -42,7 +41,7 @@ def main() -> None:
         "params": {"baseline": params["baseline"], "data": {"corpus": corpus},
                    "train": {k: params["train"][k] for k in ("folds", "standardize")}},
         "fold_params": {s["fold"]: {"C": str(s["C"])} for s in selection},
-        "environment": {"device": f"CPU {cpu_model()} ({os.cpu_count()} cores)",
+        "environment": {"device": cpu_name(),
                         "cpu_flags": cpu_flags(), "sklearn": version("scikit-learn")},
         "artifacts": ["selection.json"],
     }

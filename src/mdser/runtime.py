@@ -2,7 +2,7 @@
 
 `configure` sets TensorFlow up the same way for training, evaluation and prediction
 (op determinism, one thread per op, the precision policy, the distribution strategy);
-`device_name`, `cpu_model` and `cpu_flags` describe the machine for MLflow's tags and
+`device_name`, `cpu_name`, `cpu_model` and `cpu_flags` describe the machine for MLflow's tags and
 the benchmark; `main_repo_root` finds the user's repository from a DVC queue's copy.
 """
 
@@ -64,14 +64,20 @@ def cpu_model() -> str:
 
 
 def device_name() -> str:
-    import os
-
+    """The GPUs TensorFlow sees, else `cpu_name()`."""
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         details = tf.config.experimental.get_device_details(gpus[0])
         return f"{len(gpus)}x GPU {details.get('device_name', gpus[0].name)}"
+    return cpu_name()
+
+
+def cpu_name() -> str:
+    """The CPU and its core count, as the `device` tag names it (no TensorFlow import)."""
+    import os
+
     return f"CPU {cpu_model()} ({os.cpu_count()} cores)"
 
 
