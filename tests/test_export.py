@@ -117,6 +117,18 @@ def test_export_registers_the_model_in_mlflow_under_its_alias(repo):
     assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
+def test_an_existing_export_is_not_replaced_without_force(repo, capsys):
+    out = repo / "exports" / ROW
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(repo)
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["export", ROW, "--no-mlflow"])
+    assert exit_.value.code == 2
+    assert f"error: exports/{ROW}: an earlier export is there; pass --force" in capsys.readouterr().err
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before
+
+
 def test_an_spp_row_exports_to_onnx(repo):
     from mdser.export import (
         OUTPUT,

@@ -1,7 +1,7 @@
 """The `mdser` command: use a trained ablation row outside the pipeline.
 
     mdser predict [--row ROW] [--json] FILE...   emotion and class probabilities per file
-    mdser export [ROW]                           exports/<row>/: SavedModel, ONNX, MLflow
+    mdser export [ROW] [--force]                 exports/<row>/: SavedModel, ONNX, MLflow
 
 Run from the repository root: both read params.yaml, models/<row>/ and data/splits.json
 (the class names) as the pipeline left them.
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from mdser import predict as prediction
-from mdser.errors import run_stage
+from mdser.errors import UserError, run_stage
 
 PREDICT_HELP = """\
 Classify audio files (wav, flac, ...; any sample rate, mono or stereo) with one ablation
@@ -59,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("row", nargs="?", help="ablation row (default: the best row of --table)")
     e.add_argument("--out", type=Path, default=Path("exports"), help="(default: exports)")
     e.add_argument("--no-mlflow", action="store_true", help="only write the files")
+    e.add_argument("--force", action="store_true", help="replace an existing export of the row")
     return top
 
 
@@ -85,8 +86,10 @@ def run_export(args: argparse.Namespace, params: dict) -> int:
     if args.table.exists() or not args.row:
         best = prediction.best_row(args.table)
     row = args.row or best
-    models = prediction.load_row(params, row, args.models / row, args.folds)
     out = args.out / row
+    if out.exists() and not args.force:
+        raise UserError(f"{out}: an earlier export is there; pass --force to replace it")
+    models = prediction.load_row(params, row, args.models / row, args.folds)
     export_row(params, models, out)
     print(f"{row}: SavedModel {out / 'saved_model'}, ONNX {out / 'model.onnx'}")
     if not args.no_mlflow:
