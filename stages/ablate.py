@@ -55,8 +55,9 @@ def read_row(results: Path, metrics: Path, row: str, stage: str) -> tuple[dict, 
         curve = history.drop(columns="fold").groupby("epoch", as_index=False).mean()
         curve.round(6).to_csv(metrics / "curves" / f"{row}.csv", index=False, lineterminator="\n")
     sweep = results / row / "range_test.csv"
-    if sweep.exists() and len(sweep_curve := pd.read_csv(sweep)):  # only with lr_policy range_test
-        sweep_curve.round(6).to_csv(metrics / "range_test" / f"{row}.csv", index=False, lineterminator="\n")
+    if sweep.exists():  # its header only unless train.lr_policy is range_test: git keeps no empty folder
+        sweep_curve = pd.read_csv(sweep).round(6)
+        sweep_curve.to_csv(metrics / "range_test" / f"{row}.csv", index=False, lineterminator="\n")
     fig = confusion_figure(predictions, summary["classes"], row)
     fig.savefig(metrics / "images" / f"{row}.png", dpi=80, metadata={"Software": None})
     return summary | {"n_folds": len(summary["folds"])}, history, fig

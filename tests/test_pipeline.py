@@ -52,6 +52,33 @@ def test_second_repro_has_nothing_to_do(repo):
     assert "Running stage" not in out
 
 
+def test_a_colleague_pulls_from_a_dvc_remote_and_retrains_nothing(repo, tmp_path):
+    """README *Beyond one machine*: push to a DVC remote (a folder here) with the run-cache; a
+    fresh clone's `dvc pull --run-cache && dvc repro` runs no stage and has the same table.
+    Without dvc.lock, the run-cache alone restores every training; the stages that also write
+    git-tracked metrics (`cache: false`, which DVC's run-cache skips) run again, to the same table."""
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "--local", "-d", "store", str(remote)], repo)
+    run(["dvc", "push", "--run-cache"], repo)
+    run(["git", "add", "dvc.lock", "metrics"], repo)
+    run(["git", "commit", "-q", "-m", "the default run's results"], repo)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    run(["dvc", "remote", "add", "--local", "-d", "store", str(remote)], clone)
+    run(["dvc", "pull", "--run-cache"], clone)
+    out = run(["dvc", "repro"], clone).stdout
+    assert "Running stage" not in out, out
+    assert table_files(clone) == table_files(repo)
+    assert sorted(p.name for p in (clone / "models").iterdir() if p.is_dir()) == sorted(ROWS)
+
+    (clone / "dvc.lock").unlink()
+    out = run(["dvc", "repro"], clone).stdout
+    for row in ROWS:
+        assert f"Stage 'train@{row}' is cached - skipping run" in out, out
+    assert "Running stage 'train@" not in out, out
+    assert table_files(clone) == table_files(repo)
+
+
 IMPORTED_BY_STAGE = """
 import runpy, sys
 sys.argv = sys.argv[1:]
