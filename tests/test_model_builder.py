@@ -242,3 +242,16 @@ def test_the_summary_command_prints_each_row_with_its_parameter_count():
     count = build_model(cfg, n_classes=7).count_params()
     assert f"cnn-gmp-softmax (4 filters, 7 classes): {count:,} parameters" in out.stdout
     assert "layer8" in out.stdout and "gmp" in out.stdout
+
+
+def test_the_summary_command_names_an_unknown_row_without_a_traceback(monkeypatch, capsys):
+    import runpy
+    import sys
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    monkeypatch.setattr(sys, "argv", ["mdser.model", "no-such-row"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("mdser.model", run_name="__main__")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: ablation row 'no-such-row' is not in params.yaml" in err and "Traceback" not in err

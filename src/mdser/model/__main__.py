@@ -5,6 +5,7 @@
 
 import argparse
 
+from mdser.errors import run_stage
 from mdser.model import build_model, compact_summary
 from mdser.params import load_params, row_model
 
@@ -27,4 +28,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)
