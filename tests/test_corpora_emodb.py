@@ -8,8 +8,10 @@ import pytest
 import soundfile as sf
 from helpers import make_emodb, utterance
 
+from mdser.corpora import prepare, resolve_path
 from mdser.corpora.emodb import EMOTION_LETTERS, SPEAKER_GENDERS, parse_name, read_emodb
 from mdser.errors import UserError
+from mdser.stores import build_audio_store
 
 
 def test_parse_name():
@@ -94,6 +96,32 @@ def test_archive_with_top_folder(tmp_path):
     make_emodb(tmp_path / "emodb")
     df = read_emodb(tmp_path, "emodb", 0.5)
     assert len(df) == 14 and df["path"].str.startswith("emodb/wav/").all()
+
+
+def test_an_unpacked_copy_is_read_in_place_and_checked_by_resample(tmp_path):
+    copy = tmp_path / "emodb"
+    make_emodb(copy)
+    raw = tmp_path / "raw"
+    # an unreachable url: with data.emodb.root set, nothing is downloaded
+    emodb = {"root": str(copy), "url": "http://127.0.0.1:9/download.zip", "sha256": ""}
+    df, info = prepare({"corpus": "emodb", "min_duration": 0.5, "emodb": emodb}, raw)
+    assert info["root"] == str(copy) and not raw.exists()  # nothing copied
+    reference = read_emodb(copy, "emodb", 0.5)  # as if the copy had been unpacked into raw
+    assert df.drop(columns="path").equals(reference.drop(columns="path"))
+    assert [resolve_path(p, raw) for p in df["path"]] == [copy / p for p in reference["path"]]
+    # the wav folder itself names the same copy
+    df_wav, _ = prepare({"corpus": "emodb", "min_duration": 0.5,
+                         "emodb": emodb | {"root": str(copy / "wav")}}, raw)
+    assert df_wav.equals(df)
+
+    (tmp_path / "audio").mkdir()
+    index = build_audio_store(df, raw, tmp_path / "audio", 16000)
+    assert len(index) == 14
+    changed = copy / "wav" / "03a01Wa.wav"
+    changed.write_bytes(changed.read_bytes()[:-2] + b"\x01\x01")
+    (tmp_path / "audio2").mkdir()
+    with pytest.raises(UserError, match=f"{changed}: its content changed since"):
+        build_audio_store(df, raw, tmp_path / "audio2", 16000)
 
 
 EMODB_COUNTS = {"anger": 127, "boredom": 81, "disgust": 46, "fear": 69,

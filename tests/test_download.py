@@ -197,7 +197,7 @@ def test_prepare_emodb_end_to_end_over_http(server, tmp_path, caplog):
     base, handler = server
     handler.routes["/download.zip"] = body = emodb_zip()
     data = {"corpus": "emodb", "min_duration": 0.5,
-            "emodb": {"url": f"{base}/download.zip", "sha256": ""}}
+            "emodb": {"root": "", "url": f"{base}/download.zip", "sha256": ""}}
     df, info = prepare(data, tmp_path / "raw")
     assert info["archive_sha256"] == sha(body) and not info["sha256_verified"]
     assert sha(body) in info["notice"] and sha(body) in caplog.text

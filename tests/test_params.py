@@ -60,6 +60,8 @@ BAD = [
     ("empty class set", lambda p: p["data"]["iemocap"].update(classes=[]), "data.iemocap.classes"),
     ("unknown corpus", lambda p: p["data"].update(corpus="ravdess"), "data.corpus"),
     ("iemocap root missing", lambda p: p["data"].update(corpus="iemocap"), "data.iemocap.root"),
+    ("emodb root missing", lambda p: p["data"].update(corpus="emodb", emodb={**p["data"]["emodb"],
+     "root": "/nonexistent/emodb"}), "data.emodb.root"),
     ("bad sha256", lambda p: p["data"]["emodb"].update(sha256="xyz"), "data.emodb.sha256"),
     ("lr range", lambda p: p["train"].update(lr_min=1.0, lr_max=0.1), "lr_min"),
     ("unknown conv", lambda p: p["model"].update(conv="resnet"), "model.conv"),

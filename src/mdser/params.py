@@ -42,6 +42,7 @@ class Synth(Strict):
 
 
 class Emodb(Strict):
+    root: str
     url: str
     sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")]
 
@@ -61,12 +62,18 @@ class Data(Strict):
     iemocap: Iemocap
 
     @model_validator(mode="after")
-    def _iemocap_root_exists(self) -> Data:
+    def _roots_exist(self) -> Data:
         root = self.iemocap.root
         if self.corpus == "iemocap" and not (root and Path(root).is_dir()):
             raise ValueError(
                 f"data.iemocap.root = {self.iemocap.root!r} is not a folder; with "
                 "data.corpus: iemocap it must point at your IEMOCAP_full_release copy"
+            )
+        root = self.emodb.root
+        if self.corpus == "emodb" and root and not Path(root).is_dir():
+            raise ValueError(
+                f"data.emodb.root = {root!r} is not a folder; set it to your unpacked EMODB "
+                "copy (the folder holding wav/), or to \"\" to download data.emodb.url"
             )
         return self
 

@@ -38,11 +38,12 @@ def prepare(
     """Build the manifest of the corpus `data["corpus"]` (the `data` params section).
 
     synth: generate into raw_dir and read it back with the real reader of its
-    layout; emodb: download (checked) and extract into raw_dir, then read;
-    iemocap: read in place from data.iemocap.root. Returns (manifest, info);
-    info holds e.g. the archive's sha256 and reader warnings. The EMODB archive
-    is kept in `cache_dir` (default raw_dir/archive) and reused when it verifies. Raises UserError
-    if nothing is kept or a class of the class set has no kept utterance.
+    layout; emodb: read in place from data.emodb.root when set, else download
+    (checked) and extract into raw_dir, then read; iemocap: read in place from
+    data.iemocap.root. Returns (manifest, info); info holds e.g. the archive's
+    sha256 and reader warnings. The EMODB archive is kept in `cache_dir` (default
+    raw_dir/archive) and reused when it verifies. Raises UserError if nothing is
+    kept or a class of the class set has no kept utterance.
     """
     raw_dir = Path(raw_dir)
     corpus = data["corpus"]
@@ -56,6 +57,10 @@ def prepare(
             df = read_emodb(raw_dir, "synth", min_duration)
         else:
             df = read_iemocap(raw_dir / "IEMOCAP_full_release", data, raw_dir)
+    elif corpus == "emodb" and data["emodb"]["root"]:
+        root = Path(data["emodb"]["root"])
+        info["root"] = str(root)
+        df = read_emodb(root, "emodb", min_duration, raw_dir)
     elif corpus == "emodb":
         url, expected = data["emodb"]["url"], normalize_sha256(data["emodb"]["sha256"])
         archive, actual = fetch_archive(url, expected, Path(cache_dir or raw_dir / "archive"))

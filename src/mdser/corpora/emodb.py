@@ -52,16 +52,19 @@ def speaker_genders(raw_dir: Path) -> dict[str, str]:
         return {row["speaker"]: row["gender"] for row in reader}
 
 
-def find_wav_dir(raw_dir: Path) -> Path:
-    """`raw_dir/wav`, or the one `*/wav` below it (archives with a top folder)."""
-    raw_dir = Path(raw_dir)
-    if (raw_dir / "wav").is_dir():
-        return raw_dir / "wav"
-    found = sorted(p for p in raw_dir.glob("*/wav") if p.is_dir() and p.parent.name[0] != ".")
+def find_wav_dir(root: Path) -> Path:
+    """`root/wav`, the one `*/wav` below it (archives with a top folder), or `root` itself
+    when it holds the .wav files."""
+    root = Path(root)
+    if (root / "wav").is_dir():
+        return root / "wav"
+    found = sorted(p for p in root.glob("*/wav") if p.is_dir() and p.parent.name[0] != ".")
     if len(found) == 1:
         return found[0]
+    if not found and root.is_dir() and list_wavs(root):
+        return root
     raise UserError(
-        f"{raw_dir}: no 'wav' folder of EMODB files found"
+        f"{root}: no 'wav' folder of EMODB files found"
         + (f" (several candidates: {[str(p) for p in found]})" if found else "")
     )
 
@@ -74,11 +77,15 @@ def list_wavs(folder: Path) -> list[Path]:
     )
 
 
-def read_emodb(raw_dir: Path, corpus: str, min_duration: float) -> pd.DataFrame:
-    """Manifest rows for every *.wav under raw_dir/wav (sorted), audio checked."""
-    raw_dir = Path(raw_dir)
-    wav_dir = find_wav_dir(raw_dir)
-    genders = speaker_genders(raw_dir)
+def read_emodb(root: Path, corpus: str, min_duration: float,
+               raw_dir: Path | None = None) -> pd.DataFrame:
+    """Manifest rows for every *.wav of `find_wav_dir(root)` (sorted), audio checked. Paths
+    are relative to `raw_dir` (default `root`) when under it, else absolute (a copy read in
+    place)."""
+    root = Path(root)
+    raw_dir = root if raw_dir is None else Path(raw_dir)
+    wav_dir = find_wav_dir(root)
+    genders = speaker_genders(root)
     rows = []
     for wav in list_wavs(wav_dir):
         path = manifest_path(wav, raw_dir)
