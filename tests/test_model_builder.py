@@ -1,5 +1,7 @@
 """The built models: padding changes nothing, receptive fields, every ablation row builds."""
 
+import runpy
+import sys
 from pathlib import Path
 
 import keras
@@ -245,9 +247,6 @@ def test_the_summary_command_prints_each_row_with_its_parameter_count():
 
 
 def test_the_summary_command_names_an_unknown_row_without_a_traceback(monkeypatch, capsys):
-    import runpy
-    import sys
-
     monkeypatch.chdir(Path(__file__).parents[1])
     monkeypatch.setattr(sys, "argv", ["mdser.model", "no-such-row"])
     with pytest.raises(SystemExit) as exit_:
