@@ -9,7 +9,6 @@ import pytest
 from scipy import stats
 
 from mdser.statistics import (
-    bootstrap_interval,
     paired_comparison,
     smallest_wilcoxon_p,
     t_interval,
@@ -40,55 +39,6 @@ def test_t_interval_equals_scipy(n, confidence):
 def test_t_interval_needs_two_folds_and_is_degenerate_for_equal_values():
     assert t_interval([0.5], 0.95) is None and t_interval([], 0.95) is None
     assert t_interval([0.3, 0.3, 0.3], 0.95) == (0.3, 0.3)
-
-
-# --- paired bootstrap ---------------------------------------------------------------------
-
-
-def loop_bootstrap(d, confidence, resamples, seed):
-    """The same resamples, one at a time, and the percentile by hand (linear interpolation)."""
-    d = list(d)
-    n = len(d)
-    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    means = sorted(sum(d[i] for i in draws[r]) / n for r in range(resamples))
-
-    def quantile(q):
-        h = (resamples - 1) * q
-        lo = math.floor(h)
-        return means[lo] + (h - lo) * (means[min(lo + 1, resamples - 1)] - means[lo])
-
-    return quantile((1 - confidence) / 2), quantile((1 + confidence) / 2)
-
-
-@pytest.mark.parametrize("n", [2, 3, 7, 10])
-def test_bootstrap_interval_equals_a_plain_loop(n):
-    d = np.random.default_rng(10 + n).normal(0.02, 0.05, n)
-    ours = bootstrap_interval(d, 0.95, resamples=2000, seed=3)
-    np.testing.assert_allclose(ours, loop_bootstrap(d, 0.95, 2000, 3), rtol=0, atol=1e-12)
-
-
-def test_bootstrap_interval_approximates_the_exact_bootstrap_distribution():
-    """n = 4: all 4^4 equally likely resamples enumerated; 10,000 draws land close."""
-    d = np.array([-0.05, 0.01, 0.04, 0.10])
-    means = np.sort([np.mean(d[list(idx)]) for idx in itertools.product(range(4), repeat=4)])
-    exact = np.quantile(means, [0.025, 0.975])
-    ours = bootstrap_interval(d, 0.95)
-    np.testing.assert_allclose(ours, exact, atol=0.006)
-
-
-def test_bootstrap_interval_agrees_with_scipy_bootstrap():
-    d = np.random.default_rng(5).normal(0.03, 0.04, 10)
-    ref = stats.bootstrap((d,), np.mean, confidence_level=0.9, n_resamples=10_000,
-                          method="percentile", rng=np.random.default_rng(1)).confidence_interval
-    np.testing.assert_allclose(bootstrap_interval(d, 0.9), (ref.low, ref.high), atol=0.003)
-
-
-def test_bootstrap_interval_is_deterministic_and_needs_two_folds():
-    d = [0.01, -0.02, 0.05]
-    assert bootstrap_interval(d, 0.95) == bootstrap_interval(d, 0.95)
-    assert bootstrap_interval([0.1], 0.95) is None
-    lo, hi = bootstrap_interval([0.02, 0.02, 0.02], 0.95)
-    assert lo == pytest.approx(0.02) and hi == pytest.approx(0.02)
 
 
 # --- Wilcoxon signed-rank ----------------------------------------------------------------
@@ -140,9 +90,21 @@ def test_paired_comparison():
     c = paired_comparison(row, base, 0.95)
     d = np.subtract(row, base)
     assert c["n"] == 3 and c["delta"] == pytest.approx(d.mean())
-    np.testing.assert_allclose((c["ci_low"], c["ci_high"]), bootstrap_interval(d, 0.95), atol=1e-12)
+    ref = stats.ttest_rel(row, base).confidence_interval(0.95)  # scipy's paired t-test
+    np.testing.assert_allclose((c["ci_low"], c["ci_high"]), (ref.low, ref.high), rtol=1e-12)
     assert c["ci_low"] < 0 < c["ci_high"] and c["significant"] is False
     assert c["p"] == pytest.approx(stats.wilcoxon(d).pvalue) and c["p_min"] == 0.25
+
+
+@pytest.mark.parametrize("n", [2, 4, 10])
+def test_significant_is_the_paired_t_test_at_the_interval_level(n):
+    rng = np.random.default_rng(30 + n)
+    for _ in range(20):
+        base = rng.uniform(0.2, 0.6, n)
+        row = base + rng.normal(0.05, 0.05, n)
+        for confidence in (0.9, 0.95):
+            c = paired_comparison(row, base, confidence)
+            assert c["significant"] is bool(stats.ttest_rel(row, base).pvalue < 1 - confidence)
 
 
 def test_paired_comparison_significance_and_single_fold():

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from mdser.errors import UserError
-from mdser.statistics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, paired_comparison, t_interval
+from mdser.statistics import paired_comparison, t_interval
 
 BASELINE = "baseline"  # the baseline row's name (= mdser.baseline.ROW; no sklearn import here)
 BASELINE_LINE = {
@@ -248,11 +248,11 @@ def markdown(frame: pd.DataFrame, corpus: str, steps: pd.DataFrame | None = None
         out.append(
             "Each row against the row it modifies (`ablation.steps`), on the same test speakers. "
             f"Δ UA: the mean over folds of the row's fold UA minus the base row's (points); {ci}: "
-            f"paired bootstrap percentile interval of that mean ({BOOTSTRAP_RESAMPLES:,} resamples of "
-            f"the folds, seed {BOOTSTRAP_SEED}); p: two-sided Wilcoxon signed-rank test (zero "
-            "differences dropped); smallest p: the lowest p these folds can give at all (2 / 2^n "
-            "for n nonzero differences). Not significant: the interval contains 0. With few folds "
-            "the bootstrap, which resamples only those folds, is optimistic: read it with the smallest p.\n"
+            "paired Student-t interval of that mean (it assumes normally distributed fold "
+            "differences); p: two-sided Wilcoxon signed-rank test, which assumes only symmetric "
+            "differences (zero differences dropped); smallest p: the lowest p these folds can give at all "
+            "(2 / 2^n for n nonzero differences). Not significant: the interval contains 0. With "
+            "fewer than 6 folds no Wilcoxon p reaches 0.05: read the interval with the smallest p.\n"
         )
         out += _comparison_lines(steps, ci)
     if headline is not None and len(headline):

@@ -8,6 +8,7 @@ the benchmark; `main_repo_root` finds the user's repository from a DVC queue's c
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,6 @@ def device_name() -> str:
 
 def cpu_name() -> str:
     """The CPU and its core count, as the `device` tag names it (no TensorFlow import)."""
-    import os
-
     return f"CPU {cpu_model()} ({os.cpu_count()} cores)"
 
 
