@@ -153,8 +153,10 @@ def test_kernel_profile_reads_onednn_log_of_the_real_step():
     k = kernel_profile(8)
     assert set(k["conv_kinds"]) == {"forward_training", "backward_data", "backward_weights"}
     assert k["conv_kinds"]["forward_training"]["calls"] >= 26 * k["batches"] > 0  # 26 convs
-    assert 0 < k["conv_share_of_step"] < 1 and 0 < k["conv_fraction_of_peak"] < 1
-    assert k["step_useful_flops"] > 0 and k["one_core_peak"] > k["step_useful_flops"]
+    # ratios of timings taken in separate runs: positive, but no bound (a busy machine can put
+    # the kernels' share or fraction of the peak above 1: 1.36 once, with another test running)
+    assert k["conv_share_of_step"] > 0 and k["conv_fraction_of_peak"] > 0
+    assert k["step_useful_flops"] > 0 and k["one_core_peak"] > 0
 
 
 @pytest.mark.slow  # a fresh TensorFlow process
