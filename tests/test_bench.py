@@ -13,7 +13,7 @@ from mdser.bench.data import synthetic_lengths
 from mdser.bench.flops import model_flops
 from mdser.bench.folds import fold_throughput, tensorflow_onednn_default
 from mdser.bench.gpu import project_ablation
-from mdser.bench.kernels import conv_flop, conv_kernels, kernel_profile
+from mdser.bench.kernels import conv_flop, conv_kernels, dilated, kernel_profile
 from mdser.bench.machine import PeakMemory, machine_info, matmul_peak
 from mdser.bench.pipeline import STAGE_LINE
 from mdser.bench.report import TARGETS, batching_bounds, verdicts, write_report
@@ -142,10 +142,18 @@ def test_conv_flop_is_two_macs_per_output_and_kernel_tap():
 def test_conv_kernels_sum_the_executed_convolutions_by_kind():
     kinds = conv_kernels(ONEDNN_LOG)
     assert set(kinds) == {"backward_weights", "forward_training"}  # no creation, no reorder
-    assert kinds["backward_weights"] == {"flop": 2.0 * 5 * 8 * 8 * 40 * 272 * 3, "s": 0.62207e-3,
-                                         "calls": 1}
+    weights = {"flop": 2.0 * 5 * 8 * 8 * 40 * 272 * 3, "s": 0.62207e-3, "calls": 1}
+    assert kinds["backward_weights"] == weights | {"implementations": {"jit:avx512_core": weights}}
     assert kinds["forward_training"]["calls"] == 1
     assert kinds["forward_training"]["s"] == pytest.approx(0.25e-3)
+    # dh1: dilation 2 along frequency, as oneDNN writes it (rate - 1)
+    assert list(kinds["forward_training"]["implementations"]) == ["brg_conv_fwd:avx512_core dilated"]
+
+
+def test_dilated_reads_onednn_rate_minus_one():
+    assert not dilated("mb5_ic8oc8_ih40oh40kh1sh1dh0ph0_iw272ow272kw3sw1dw0pw1")
+    assert dilated("mb1_ic16oc16_ih20oh20kh5sh1dh1ph4_iw9ow9kw1sw1dw0pw0")
+    assert dilated("mb1_ic16oc16_ih20oh20kh1sh1dh0ph0_iw9ow9kw3sw1dw2pw3")
 
 
 @pytest.mark.slow  # two fresh TensorFlow processes
@@ -153,6 +161,10 @@ def test_kernel_profile_reads_onednn_log_of_the_real_step():
     k = kernel_profile(8)
     assert set(k["conv_kinds"]) == {"forward_training", "backward_data", "backward_weights"}
     assert k["conv_kinds"]["forward_training"]["calls"] >= 26 * k["batches"] > 0  # 26 convs
+    # the default profile's MDCB stack has dilated convolutions in every kind, each split out
+    for kind in k["conv_kinds"].values():
+        assert any(name.endswith(" dilated") for name in kind["implementations"])
+        assert sum(p["calls"] for p in kind["implementations"].values()) == kind["calls"]
     # ratios of timings taken in separate runs: positive, but no bound (a busy machine can put
     # the kernels' share or fraction of the peak above 1: 1.36 once, with another test running)
     assert k["conv_share_of_step"] > 0 and k["conv_fraction_of_peak"] > 0

@@ -25,7 +25,7 @@ from typing import Any
 from mdser.bench import ROOT, print_result, read_result, run_job
 
 # onednn_verbose,v1,primitive,exec,cpu,convolution,<impl>,<prop>,...,mb5_ic8oc8_ih40...,0.62
-CONV_EXEC = re.compile(r"^onednn_verbose,.*,exec,cpu,convolution,[^,]*,([a-z_]+),.*,(\w+),([\d.]+)$")
+CONV_EXEC = re.compile(r"^onednn_verbose,.*,exec,cpu,convolution,([^,]*),([a-z_]+),.*,(\w+),([\d.]+)$")
 
 
 def conv_flop(problem: str) -> float:
@@ -38,16 +38,28 @@ def conv_flop(problem: str) -> float:
     return 2.0 * macs
 
 
-def conv_kernels(log_lines: list[str]) -> dict[str, dict[str, float]]:
-    """FLOP, seconds and calls of the logged convolution primitives, per propagation kind."""
-    kinds: dict[str, dict[str, float]] = {}
+def dilated(problem: str) -> bool:
+    """Whether a convolution primitive's descriptor has a dilation (oneDNN writes rate - 1)."""
+    return any(int(d) > 0 for d in re.findall(r"d[dhw](\d+)", problem))
+
+
+def conv_kernels(log_lines: list[str]) -> dict[str, dict[str, Any]]:
+    """FLOP, seconds and calls of the logged convolution primitives, per propagation kind,
+    and within each kind per implementation (oneDNN's name for the kernel it chose, with
+    " dilated" added for dilated problems): where an instruction set lacks a kernel, oneDNN
+    falls back to a slower one (on AVX2, ``gemm:jit`` for a dilated weight gradient)."""
+    kinds: dict[str, dict[str, Any]] = {}
     for line in log_lines:
         m = CONV_EXEC.match(line.strip())
         if m:
-            kind = kinds.setdefault(m.group(1), {"flop": 0.0, "s": 0.0, "calls": 0})
-            kind["flop"] += conv_flop(m.group(2))
-            kind["s"] += float(m.group(3)) / 1000.0
-            kind["calls"] += 1
+            impl, prop, problem, ms = m.groups()
+            kind = kinds.setdefault(prop, {"flop": 0.0, "s": 0.0, "calls": 0, "implementations": {}})
+            name = f"{impl} dilated" if dilated(problem) else impl
+            part = kind["implementations"].setdefault(name, {"flop": 0.0, "s": 0.0, "calls": 0})
+            for totals in (kind, part):
+                totals["flop"] += conv_flop(problem)
+                totals["s"] += float(ms) / 1000.0
+                totals["calls"] += 1
     return kinds
 
 

@@ -305,6 +305,17 @@ def write_report(r: dict[str, Any], path: Path) -> None:
                      f"{k['conv_s'] * k['conv_flops'] / 1e9:.2f} | {k['conv_s']:.3f} | "
                      f"{k['conv_flops'] / 1e9:.1f} | {100 * k['conv_fraction_of_peak']:.0f} % | "
                      f"{100 * k['conv_share_of_step']:.0f} % |")
+        lines += ["", "By oneDNN implementation (its name for the kernel it chose; *dilated*: "
+                  "the problems with a dilation):", "",
+                  "| convolution primitives | implementation | calls | s | GFLOP/s "
+                  "| % of one core's peak | % of the convolutions' time |",
+                  "|---|---|---|---|---|---|---|"]
+        for kind, v in sorted(k["conv_kinds"].items()):
+            for impl, part in sorted(v["implementations"].items(), key=lambda item: -item[1]["s"]):
+                lines.append(f"| {kind} | `{impl}` | {part['calls']} | {part['s']:.3f} | "
+                             f"{part['flop'] / part['s'] / 1e9:.1f} | "
+                             f"{100 * part['flop'] / part['s'] / k['one_core_peak']:.0f} % | "
+                             f"{100 * part['s'] / k['conv_s']:.1f} % |")
     gr = r.get("growth")
     if gr:
         lines += ["", "## Growth", "", "| Corpus | utterances | frames | epoch s | ms/utt | "
