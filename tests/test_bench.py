@@ -11,7 +11,7 @@ import pytest
 from mdser.bench import ROOT
 from mdser.bench.data import synthetic_lengths
 from mdser.bench.flops import model_flops
-from mdser.bench.folds import fold_throughput, tensorflow_onednn_default
+from mdser.bench.folds import fold_throughput, median_round, tensorflow_onednn_default
 from mdser.bench.gpu import project_ablation
 from mdser.bench.kernels import conv_flop, conv_kernels, dilated, kernel_profile
 from mdser.bench.machine import PeakMemory, machine_info, matmul_peak
@@ -92,6 +92,12 @@ def test_fold_epochs_run_each_way_in_a_fresh_process(folds):
     # the reference keeps TensorFlow's own kernel choice; the library's way has oneDNN
     assert ref["onednn"] == (tensorflow_onednn_default() == "1")
     assert one["onednn"] and par["onednn"]
+
+
+def test_median_round_is_the_middle_ratio_or_the_lower_middle():
+    assert median_round([2.5]) == 0
+    assert median_round([2.95, 2.35, 2.51]) == 2
+    assert median_round([3.1, 2.2, 2.9, 2.4]) == 3  # 2.4, the lower middle of 2.2, 2.4, 2.9, 3.1
 
 
 def test_tensorflow_onednn_default_is_what_tensorflow_chooses_by_itself():
@@ -182,7 +188,8 @@ def test_batch_budget_sweep_runs_as_a_fold_process_trains():
 
 def test_report_and_json_from_toy_results(params, tmp_path):
     folds = {"reference": fold_run("reference", 1, 10.0), "sequential": fold_run("sequential", 1, 12.0),
-             "processes": fold_run("processes", 2, 11.0), "default": "processes", "speedup": 1.1}
+             "processes": fold_run("processes", 2, 11.0), "default": "processes", "speedup": 1.1,
+             "speedups": [1.3, 1.1, 0.9]}
     row = "cnn-gmp-softmax"
     results = {
         "quick": True, "date": "today", "wall_s": 1.0, "machine": machine_info(),
@@ -209,6 +216,8 @@ def test_report_and_json_from_toy_results(params, tmp_path):
     assert "## Targets" in text and "No GPU present" in text
     assert "## Fold-epoch throughput" in text and "Both cores busy" in text
     assert "## Where the default step's time goes" in text and "| all | 2 |" in text
+    assert "1.10× (median of 3 rounds: 0.90–1.30×)" in text
+    assert "`jit:avx512_core` | 1 |" in text  # the kernel table by implementation
     assert "in a fold process (one thread per op)" in text and "| 1 | 1.0 | 5.00 |" in text
     rows = verdicts(results)
     assert all(len(v) == 4 for v in rows)

@@ -57,7 +57,7 @@ SIZES = {
         "paper_utts": 6, "paper_naive_utts": 3, "paper_batch_frames": 1500,
         "equality_utts": 8, "paper_equality_utts": 3,
         "corpus_utts": 40, "growth_factors": [1, 2, 4], "naive_feature_factors": [1, 4],
-        "fold_utts": 32, "folds": 2, "fold_epochs": 2,
+        "fold_utts": 32, "folds": 2, "fold_epochs": 2, "fold_rounds": 1,
         "dvc_rows": ["cnn-gmp-softmax", "mdcnn-ff-spp-att-arcface"],
     },
     "full": {
@@ -66,7 +66,7 @@ SIZES = {
         "paper_utts": 24, "paper_naive_utts": 8, "paper_batch_frames": None,
         "equality_utts": 24, "paper_equality_utts": 4,
         "corpus_utts": None, "growth_factors": [1, 2, 4], "naive_feature_factors": [1, 4],
-        "fold_utts": 96, "folds": 4, "fold_epochs": 5,
+        "fold_utts": 96, "folds": 4, "fold_epochs": 5, "fold_rounds": 3,
         "dvc_rows": None,
     },
 }
@@ -157,9 +157,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log("batch budget sweep (default profile)")
             results["batch_budget_sweep"] = sweep_in_fold_process(
                 size["default_utts"], [1, 1000, 3000, 6000, 12000] if not args.quick else [1, 1500, 6000])
-            log("fold-epoch throughput (default profile), three ways")
-            results["folds"] = fold_throughput(size["fold_utts"], size["folds"],
-                                               size["fold_epochs"], params["runtime"]["workers"])
+            log(f"fold-epoch throughput (default profile), three ways, {size['fold_rounds']} round(s)")
+            results["folds"] = fold_throughput(size["fold_utts"], size["folds"], size["fold_epochs"],
+                                               params["runtime"]["workers"], size["fold_rounds"])
             log("convolution kernels' share of the default profile's step (oneDNN's log)")
             results["kernels"] = kernel_profile(size["fold_utts"])
             if not args.quick:
