@@ -29,7 +29,7 @@ TARGETS = {
 
 def rounds_note(folds: dict[str, Any]) -> str:
     """' (median of N rounds: lo–hi×)' for a fold-epoch measurement of several rounds."""
-    speedups = folds.get("speedups", [folds["speedup"]])
+    speedups = folds["speedups"]
     if len(speedups) < 2:
         return ""
     return f" (median of {len(speedups)} rounds: {min(speedups):.2f}–{max(speedups):.2f}×)"
@@ -283,7 +283,7 @@ def write_report(r: dict[str, Any], path: Path) -> None:
                   "each way in a "
                   f"fresh interpreter (`python -m mdser.bench.folds`); `train_row` as configured "
                   f"(`runtime.workers`) is `{fo['default']}`. The ways ran "
-                  f"{len(fo.get('speedups', [0]))} round(s) in turn; the figures are the round "
+                  f"{len(fo['speedups'])} round(s) in turn; the figures are the round "
                   f"with the median ratio{rounds_note(fo)}.",
                   "", "| way | fold workers | threads per op | utt/s | useful GFLOP/s | % of peak | "
                   "CPU utilisation |", "|---|---|---|---|---|---|---|"]
