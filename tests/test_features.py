@@ -14,6 +14,7 @@ from mdser.features import (
     n_frames,
     speaker_standardized,
     three_channel,
+    vtlp,
 )
 
 FEATURES = {"n_mels": 40, "n_fft": 512, "win_ms": 25, "hop_ms": 10, "delta_n": 9}
@@ -140,3 +141,40 @@ def test_speaker_standardized_centres_a_band_that_does_not_move():
     assert np.isfinite(got).all()
     np.testing.assert_array_equal(got[:, 0, 0], 0.0)
     assert np.abs(got[:, 1, 0]).max() < 0.01
+
+
+def jaitly_hinton_warp(f: np.ndarray, alpha: float, nyquist: float, f_hi: float = 4800.0) -> np.ndarray:
+    """Eq. 1 of Jaitly & Hinton (2013), written out: the warped frequency of f."""
+    boundary = f_hi * min(alpha, 1.0) / alpha
+    slope = (nyquist - f_hi * min(alpha, 1.0)) / (nyquist - boundary)
+    return np.where(f <= boundary, alpha * f, nyquist - slope * (nyquist - f))
+
+
+@pytest.mark.parametrize("alpha", [0.9, 0.95, 1.05, 1.1])
+def test_vtlp_moves_a_smooth_spectrum_to_the_warped_frequencies(alpha):
+    """Bands of a smooth spectrum g(f) after `vtlp` hold g(w^-1(centre)), w^-1 found by
+    bisection on Eq. 1 (independent of the knot inversion in the library)."""
+    sr, n_mels = 16000, 40
+    centres = mel_to_hz(np.linspace(0.0, hz_to_mel(sr / 2), n_mels + 2))[1:-1]
+    g = lambda f: np.sin(f / 900.0) + f / 4000.0  # noqa: E731 - a smooth test spectrum
+    lo, hi = np.zeros(n_mels), np.full(n_mels, sr / 2)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        below = jaitly_hinton_warp(mid, alpha, sr / 2) < centres
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    expected = g(np.clip(lo, centres[0], centres[-1]))
+    x = np.broadcast_to(g(centres)[None, :, None, None], (1, n_mels, 4, 3)).astype(np.float32)
+    warped = vtlp(x, np.array([alpha]), sr)
+    # linear interpolation between band centres: error bounded by the curvature of g
+    np.testing.assert_allclose(warped[0, :, 0, 0], expected, atol=0.03)
+    assert np.abs(warped[0, :, 0, 0] - g(centres)).max() > 0.1  # it did move
+
+
+def test_vtlp_of_one_is_the_identity_and_keeps_padding_zero():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 40, 32, 3)).astype(np.float32)
+    x[:, :, 20:] = 0.0  # zero padding after the true length
+    np.testing.assert_allclose(vtlp(x, np.ones(3), 16000), x, atol=1e-6)
+    warped = vtlp(x, np.array([0.9, 1.0, 1.1]), 16000)
+    assert not warped[:, :, 20:].any()
+    np.testing.assert_allclose(warped[1], x[1], atol=1e-6)  # each utterance its own factor

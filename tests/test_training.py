@@ -144,6 +144,33 @@ def test_a_reused_trainer_gives_what_a_fresh_one_gives():
     assert same(best, fresh_best) and history == fresh_history
 
 
+def test_vtlp_warps_every_training_batch_and_nothing_else(monkeypatch):
+    """With train.vtlp, each batch the step trains on is `vtlp` of the padded batch, with
+    one factor per utterance from [1 - vtlp, 1 + vtlp]; with 0 no batch is warped."""
+    import mdser.training
+    from mdser.training import RowTrainer
+
+    calls, stepped = [], []
+    real_vtlp = mdser.training.vtlp
+
+    def spy_vtlp(x, alphas, sample_rate):
+        calls.append((x.copy(), alphas.copy(), sample_rate))
+        return real_vtlp(x, alphas, sample_rate)
+
+    monkeypatch.setattr(mdser.training, "vtlp", spy_vtlp)
+    trainer = RowTrainer(TINY_MODEL, TINY_TRAIN, HEAD_PARAMS, 3, 8)
+    real_step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda x, *a: stepped.append(x) or real_step(x, *a))
+    fit(trainer, TINY_TRAIN | {"max_epochs": 1}, 0)
+    assert stepped and not calls
+    stepped.clear()
+    fit(trainer, TINY_TRAIN | {"max_epochs": 1, "vtlp": 0.1}, 0)
+    assert len(calls) == len(stepped)
+    for (x, alphas, sample_rate), warped in zip(calls, stepped, strict=True):
+        assert len(alphas) == len(x) and np.all(np.abs(alphas - 1) <= 0.1) and np.any(alphas != 1)
+        np.testing.assert_array_equal(warped, real_vtlp(x, alphas, sample_rate))
+
+
 @pytest.mark.slow
 def test_a_fold_resumed_after_an_epoch_ends_as_an_uninterrupted_one(tmp_path):
     from mdser.training import RowTrainer

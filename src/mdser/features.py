@@ -75,6 +75,42 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     return (triangles * (2.0 / (edges[2:] - edges[:-2]))[:, None]).T.astype(np.float32)
 
 
+def vtlp_source_bands(alpha: float, sample_rate: int, n_mels: int, f_hi: float = 4800.0) -> np.ndarray:
+    """Vocal tract length perturbation (Jaitly & Hinton 2013, Eq. 1) on mel bands: for each
+    band of the warped spectrogram, the fractional index of the original band it reads.
+
+    The warp maps f to alpha f below the boundary F_hi min(alpha, 1) / alpha and linearly
+    from there to Nyquist (which stays fixed); band j of the warped spectrogram holds the
+    original spectrum at w^-1(c_j), c_j the band's centre (the filterbank of Eq. 4)."""
+    nyquist = sample_rate / 2
+    centres = mel_to_hz(np.linspace(0.0, hz_to_mel(nyquist), n_mels + 2))[1:-1]
+    boundary = f_hi * min(alpha, 1.0) / alpha
+    knots = np.array([0.0, boundary, nyquist])
+    warped = np.array([0.0, alpha * boundary, nyquist])
+    source = np.interp(centres, warped, knots)  # w is piecewise linear: invert it knot by knot
+    return np.interp(source, centres, np.arange(n_mels, dtype=np.float64))
+
+
+def vtlp_matrix(alpha: float, sample_rate: int, n_mels: int) -> np.ndarray:
+    """(n_mels, n_mels) linear interpolation that applies `vtlp_source_bands` to a band axis."""
+    source = vtlp_source_bands(alpha, sample_rate, n_mels)
+    low = np.floor(source).astype(int)
+    high = np.minimum(low + 1, n_mels - 1)
+    frac = source - low
+    matrix = np.zeros((n_mels, n_mels))
+    rows = np.arange(n_mels)
+    np.add.at(matrix, (rows, low), 1.0 - frac)
+    np.add.at(matrix, (rows, high), frac)
+    return matrix.astype(np.float32)
+
+
+
+def vtlp(x: np.ndarray, alphas: np.ndarray, sample_rate: int) -> np.ndarray:
+    """A batch (B, n_mels, T, C) with utterance b warped by `vtlp_matrix(alphas[b])`
+    along its bands; zero padding stays zero."""
+    matrices = np.stack([vtlp_matrix(float(a), sample_rate, x.shape[1]) for a in alphas])
+    return np.einsum("bjk,bktc->bjtc", matrices, x).astype(np.float32)
+
 def log_mel(y: np.ndarray, sample_rate: int, features: dict[str, Any]) -> np.ndarray:
     """Log-mel spectrogram, Eq. 4: log sum_i FB(i) |X(i)|^2; shape (frames, n_mels).
 

@@ -134,6 +134,7 @@ class Train(Strict):
     start_from_epoch: Annotated[int, Field(ge=0)]
     select_at: Literal["cycle_end", "epoch"]
     standardize: Literal["train", "global", "speaker"]
+    vtlp: Annotated[float, Field(ge=0.0, lt=0.5)]
     seed: int
     mixed_precision: bool
     xla: bool

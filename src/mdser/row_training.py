@@ -122,11 +122,12 @@ def train_fold(
 
     train, classes = params["train"], folds_doc["classes"]
     if not PROCESS_CACHE:  # this process's first fold of the row
-        index, frames = open_fold_features(feature_store, folds_doc, train["folds"])[:2]
+        index, frames, meta, _ = open_fold_features(feature_store, folds_doc, train["folds"])
         frames = input_frames(frames, index, train["standardize"])  # once per process
         trainer = RowTrainer(model_params, train, params[model_params["head"]], len(classes),
                              frames.shape[1])
-        PROCESS_CACHE.update(index=index, frames=frames, trainer=trainer)
+        PROCESS_CACHE.update(index=index, frames=frames, trainer=trainer,
+                             sample_rate=meta["sample_rate"])
     index, frames = PROCESS_CACHE["index"], PROCESS_CACHE["frames"]
     trainer = PROCESS_CACHE["trainer"]
     members = fold_members(index, fold)
@@ -134,7 +135,7 @@ def train_fold(
     labels = {r: encode_labels(members[r], classes) for r in ("train", "val")}
     best, history, stats = fit_with_smaller_batches_on_oom(
         trainer, train, frames, fit_members, labels, len(classes), fold["fold"], row,
-        checkpoint=checkpoint,
+        checkpoint=checkpoint, sample_rate=PROCESS_CACHE["sample_rate"],
     )
     with atomic_dir(done_dir) as tmp:
         trainer.model.set_weights(best)

@@ -14,6 +14,7 @@ import gc
 import json
 import math
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import pandas as pd
 from mdser.batching import TIME_QUANTUM, Predictor, batches, length_batches
 from mdser.console import progress_bar
 from mdser.errors import UserError
-from mdser.features import standardization
+from mdser.features import standardization, vtlp
 from mdser.params import is_candidate
 from mdser.runtime import configure
 from mdser.statistics import unweighted_accuracy
@@ -292,10 +293,22 @@ def load_epoch(path: Path) -> tuple[dict[str, Any], dict[str, list[np.ndarray]],
         return progress, {"weights": listed("weights_"), "optimizer": listed("optimizer_")}, listed("best_")
 
 
+def training_batches(
+    frames: np.ndarray, rows: pd.DataFrame, mean: np.ndarray, std: np.ndarray,
+    train: dict[str, Any], rng: np.random.Generator, sample_rate: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`batches` in a shuffled order; with `train.vtlp`, each utterance warped along its
+    bands by its own factor from [1 - vtlp, 1 + vtlp] (`features.vtlp`, drawn from `rng`)."""
+    for x, lengths, idx in batches(frames, rows, mean, std, train["batch_frames"], rng):
+        if train["vtlp"]:
+            x = vtlp(x, rng.uniform(1 - train["vtlp"], 1 + train["vtlp"], len(x)), sample_rate)
+        yield x, lengths, idx
+
+
 def run_range_test(
     trainer: RowTrainer, train: dict[str, Any], frames: np.ndarray, members: dict[str, pd.DataFrame],
     labels: dict[str, np.ndarray], weights: np.ndarray, seed: int, mean: np.ndarray, std: np.ndarray,
-    steps: int,
+    steps: int, sample_rate: int,
 ) -> list[dict[str, float]]:
     """The paper's learning-rate range test on the fold's training and validation speakers.
 
@@ -317,7 +330,7 @@ def run_range_test(
              "val": (members["val"], labels["val"])}
     curve, step, losses = [], 0, []
     for _ in range(sweep["epochs"]):
-        for x, lengths, idx in batches(frames, members["train"], mean, std, train["batch_frames"], rng):
+        for x, lengths, idx in training_batches(frames, members["train"], mean, std, train, rng, sample_rate):
             if STOP.is_set():
                 raise FoldStopped
             y = labels["train"][idx].astype(np.int32)
@@ -342,7 +355,7 @@ def run_range_test(
 def fit_fold(
     trainer: RowTrainer, train: dict[str, Any], frames: np.ndarray,
     members: dict[str, pd.DataFrame], labels: dict[str, np.ndarray], n_classes: int,
-    fold: int, row: str = "", checkpoint: Path | None = None,
+    fold: int, row: str = "", checkpoint: Path | None = None, sample_rate: int = 16000,
 ) -> tuple[list[np.ndarray], list[dict[str, float]], dict[str, Any]]:
     """Train one fold; return the weights at its best validation UA, the history and stats.
 
@@ -355,7 +368,8 @@ def fit_fold(
     training stops after `train.patience` epochs without a better validation UA, or at
     `train.max_epochs`. With `checkpoint`, the
     state after each epoch is kept there and a later call continues from it, with the
-    same result as an uninterrupted fold.
+    same result as an uninterrupted fold. `sample_rate` is the features' audio rate
+    (`train.vtlp` warps frequencies).
     """
     seed = train["seed"] * 1000 + fold
     rng = np.random.default_rng(seed)
@@ -375,7 +389,7 @@ def fit_fold(
         progress["lr_source"] = "fixed"
         if train["lr_policy"] == "range_test":
             curve = run_range_test(trainer, train, frames, members, labels, weights, seed, mean, std,
-                                   steps)
+                                   steps, sample_rate)
             found = clr_bounds([p["lr"] for p in curve], [p["train_ua"] for p in curve])
             progress["range_test"] = curve
             if found is not None:
@@ -395,7 +409,7 @@ def fit_fold(
             break
         epoch = progress["epoch"] + 1
         losses = []
-        for x, lengths, idx in batches(frames, members["train"], mean, std, train["batch_frames"], rng):
+        for x, lengths, idx in training_batches(frames, members["train"], mean, std, train, rng, sample_rate):
             if STOP.is_set():
                 raise FoldStopped
             y = labels["train"][idx].astype(np.int32)
