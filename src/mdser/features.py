@@ -104,12 +104,12 @@ def vtlp_matrix(alpha: float, sample_rate: int, n_mels: int) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
-
 def vtlp(x: np.ndarray, alphas: np.ndarray, sample_rate: int) -> np.ndarray:
     """A batch (B, n_mels, T, C) with utterance b warped by `vtlp_matrix(alphas[b])`
     along its bands; zero padding stays zero."""
     matrices = np.stack([vtlp_matrix(float(a), sample_rate, x.shape[1]) for a in alphas])
     return np.einsum("bjk,bktc->bjtc", matrices, x).astype(np.float32)
+
 
 def log_mel(y: np.ndarray, sample_rate: int, features: dict[str, Any]) -> np.ndarray:
     """Log-mel spectrogram, Eq. 4: log sum_i FB(i) |X(i)|^2; shape (frames, n_mels).
