@@ -62,12 +62,18 @@ def mel_to_hz(m: np.ndarray) -> np.ndarray:
     return 700.0 * (10.0 ** (np.asarray(m, np.float64) / 2595.0) - 1.0)
 
 
+def mel_band_edges(sample_rate: int, n_mels: int) -> np.ndarray:
+    """The n_mels + 2 frequencies (Hz) evenly spaced on the mel scale of Eq. 3 from 0 Hz to
+    Nyquist: band j rises from edge j, peaks at edge j + 1 (its centre), falls to edge j + 2."""
+    return mel_to_hz(np.linspace(0.0, hz_to_mel(sample_rate / 2), n_mels + 2))
+
+
 @functools.lru_cache(maxsize=8)
 def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int) -> np.ndarray:
     """FB of Eq. 4, shape (n_fft // 2 + 1, n_mels): triangles at points evenly spaced
     on the mel scale of Eq. 3 from 0 Hz to Nyquist, each scaled to unit area
     (the HTK mel scale with Slaney area normalisation, as librosa's `htk=True`)."""
-    edges = mel_to_hz(np.linspace(0.0, hz_to_mel(sample_rate / 2), n_mels + 2))
+    edges = mel_band_edges(sample_rate, n_mels)
     bins = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
     rising = (bins[None, :] - edges[:-2, None]) / np.diff(edges)[:-1, None]
     falling = (edges[2:, None] - bins[None, :]) / np.diff(edges)[1:, None]
@@ -83,7 +89,7 @@ def vtlp_source_bands(alpha: float, sample_rate: int, n_mels: int, f_hi: float =
     from there to Nyquist (which stays fixed); band j of the warped spectrogram holds the
     original spectrum at w^-1(c_j), c_j the band's centre (the filterbank of Eq. 4)."""
     nyquist = sample_rate / 2
-    centres = mel_to_hz(np.linspace(0.0, hz_to_mel(nyquist), n_mels + 2))[1:-1]
+    centres = mel_band_edges(sample_rate, n_mels)[1:-1]
     boundary = f_hi * min(alpha, 1.0) / alpha
     knots = np.array([0.0, boundary, nyquist])
     warped = np.array([0.0, alpha * boundary, nyquist])
